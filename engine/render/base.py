@@ -1,0 +1,41 @@
+"""The renderer interface shared by the neural and classic renderers and used by the streaming pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from engine.avatar.record import Avatar
+from engine.keypoints import MotionParams
+
+
+class SourceFace(NamedTuple):
+    """An avatar's face in one renderer's keypoint space (what motion and keypoint stages need)."""
+
+    kp_canonical: torch.Tensor  # [21, 3]
+    params: MotionParams  # batch 1: the portrait's own pose / expression
+    kp_source: torch.Tensor  # [21, 3] transformed source keypoints
+
+
+class PreparedAvatar(NamedTuple):
+    avatar: Avatar
+    source: SourceFace
+    state: Any  # renderer-specific (feature volume, portrait tensor, ...), computed once per avatar
+
+
+class Renderer(Protocol):
+    name: str  # "neural" | "classic"
+    size: int  # output frames are size x size RGB
+    untrained: bool  # True when rendering from untrained weights: callers must say so to the user
+
+    def prepare(self, avatar: Avatar) -> PreparedAvatar: ...
+
+    def drive(self, prepared: PreparedAvatar, params: MotionParams) -> torch.Tensor:
+        """Motion params ``[B]`` -> driving keypoints ``[B, 21, 3]`` (stitching included where available)."""
+        ...
+
+    def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
+        """One frame per avatar in ``prepared`` (a batch may mix sessions) -> ``[B, 3, size, size]`` in [0, 1]."""
+        ...
