@@ -58,7 +58,7 @@ def rotation_matrix(pitch: Tensor, yaw: Tensor, roll: Tensor) -> Tensor:
 def transform_keypoints(kp_canonical: Tensor, rot: Tensor, exp: Tensor, scale: Tensor, t: Tensor) -> Tensor:
     """``x = s * (x_c R + delta) + (t_x, t_y, 0)``.
 
-    kp_canonical ``[B, 21, 3]``, rot ``[B, 3, 3]``, exp ``[B, 21, 3]``, scale ``[B, 1]``, t ``[B, 3]`` -> ``[B, 21, 3]``.
+    Shapes: kp_canonical, exp ``[B, 21, 3]``; rot ``[B, 3, 3]``; scale ``[B, 1]``; t ``[B, 3]`` -> ``[B, 21, 3]``.
     The reference ignores t_z; so do we.
     """
     x = scale.reshape(-1, 1, 1) * (kp_canonical @ rot + exp)

@@ -13,7 +13,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "weights": ("engine.cli.weights", "weights", "Import and inspect checkpoints (LivePortrait, Ditto)."),
     "avatar": ("engine.cli.avatar", "avatar", "Prepare, list and remove avatars."),
     "render": ("engine.cli.render", "render", "Render a talking video from an audio file (offline)."),
-    "serve": ("engine.cli.serve", "serve", "Serve live sessions over WebRTC (browser page, WHIP, websocket)."),
+    "serve": (
+        "engine.cli.serve",
+        "serve",
+        "Serve live sessions over WebRTC (browser page, WHIP, websocket).",
+    ),
     "client": ("engine.cli.client", "client", "Python client: stream a microphone or WAV to a server."),
     "export": ("engine.cli.export", "export", "Export models to ONNX / TensorRT."),
     "bench": ("engine.cli.bench", "bench", "Benchmarks (renderer, backends, lip sync) written as JSON."),

@@ -78,7 +78,11 @@ def check_keys(
     if not (missing or unexpected or misshaped):
         return
     lines = [f"{source}: checkpoint does not match the expected architecture"]
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("mis-shaped keys", misshaped),
+    ):
         if items:
             shown = items[:20]
             more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
