@@ -13,7 +13,7 @@ from engine.keypoints import MotionParams
 
 
 class MotionFrame(NamedTuple):
-    index: int  # video frame index on the session clock: pts = index / fps
+    frame_index: int  # video frame index on the session clock: pts = frame_index / fps
     params: MotionParams  # batch 1; absolute pose/expression for the avatar (already relative to its source)
 
 
