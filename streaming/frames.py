@@ -1,0 +1,66 @@
+"""Typed frames that flow between the session's stages (pipecat-style: small immutable messages).
+
+Time is counted in samples of the session's 16 kHz audio clock and in video frame indices; ``pts`` in seconds
+is derived, never stored independently, so audio and video cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.motion.base import MotionFrame
+
+SAMPLE_RATE = 16_000  # the engine's internal audio clock
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Input audio already converted to the engine clock: float32 mono 16 kHz in [-1, 1]."""
+
+    samples: np.ndarray  # [n] float32
+    start: int  # index of samples[0] on the session's audio clock
+
+
+@dataclass(frozen=True)
+class MotionOut:
+    motion: MotionFrame
+
+
+@dataclass(frozen=True)
+class VideoFrame:
+    frame_index: int  # pts = frame_index / fps
+    fps: int
+    rgb: np.ndarray  # [H, W, 3] uint8
+    created: float = 0.0  # monotonic time the frame left the renderer (for latency metrics)
+
+    @property
+    def pts(self) -> float:
+        return self.frame_index / self.fps
+
+
+@dataclass(frozen=True)
+class OutputAudio:
+    """Output audio aligned with video: ``samples`` start at ``start`` on the output clock (= frame n at n/fps)."""
+
+    samples: np.ndarray  # [n] float32 mono 16 kHz
+    start: int
+
+
+@dataclass(frozen=True)
+class Control:
+    """A validated control change (emotion, intensity, lip scale, pose mode, ...)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Barge-in: drop buffered audio and motion now, return to idle smoothly."""
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """No more input audio: flush every stage, then close the output."""
