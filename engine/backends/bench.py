@@ -1,0 +1,206 @@
+"""Backend benchmark: per-module latency (warm-up, median, p90, p99), frames/s of the per-frame path and peak
+memory, for one or more backends on one preset; JSON with device, commit and config, plus a PNG plot.
+
+Frames/s is ``batch / median(warping_decoder)``: the per-frame path is warp + decode (appearance and motion run
+once per avatar). Peak memory is the CUDA allocator's peak per module on GPUs; on CPU it is the process's peak
+resident set after the module ran (monotonic over the run, so it bounds rather than isolates each module).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.backends import BackendError, get_backend
+from engine.models import liveportrait
+from engine.motion import lmdm
+from export.graphs import RENDERER_GRAPHS, Graph, build_heads, denoiser_graph, head_graphs, renderer_graphs
+
+DEFAULT_MODULES: tuple[str, ...] = ("appearance", "motion", "warping", "decoder", "warping_decoder", "stitching", "lmdm")
+LMDM_PRESET = {"tiny": "tiny", "liveportrait": "ditto"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backends: tuple[str, ...] = ("eager", "onnxruntime")
+    preset: str = "tiny"
+    batch: int = 1
+    device: str = "cpu"
+    warmup: int = 3
+    iters: int = 20
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.warmup < 0 or self.iters < 1:
+            raise ValueError(f"need batch >= 1, warmup >= 0, iters >= 1; got {self.batch}, {self.warmup}, {self.iters}")
+        if not self.backends:
+            raise ValueError("give at least one backend")
+
+
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_graphs(preset: str, modules: Sequence[str]) -> dict[str, Graph]:
+    """The graphs to time, on deterministic random weights (timings do not depend on the values)."""
+    nets = liveportrait.build(preset)
+    renderer = [m for m in modules if m in RENDERER_GRAPHS]
+    graphs = renderer_graphs(nets, "standard", names=renderer)
+    if "lmdm" in modules:
+        graphs["lmdm"] = denoiser_graph(lmdm.build(LMDM_PRESET.get(preset, "tiny")))
+    heads = [m for m in modules if m.endswith("_head")]
+    if heads:
+        graphs.update({k: v for k, v in head_graphs(build_heads()).items() if k in heads})
+    unknown = [m for m in modules if m not in graphs]
+    if unknown:
+        raise ValueError(f"unknown module(s) {unknown} to benchmark")
+    return {m: graphs[m] for m in modules}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runner(run: Any, inputs: tuple[torch.Tensor, ...], device: torch.device, warmup: int, iters: int) -> dict:
+    for _ in range(warmup):
+        run(*inputs)
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run(*inputs)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    ms = np.asarray(times)
+    return {
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "iters": iters,
+        "warmup": warmup,
+    }
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    device = torch.device(config.device)
+    graphs = bench_graphs(config.preset, config.modules)
+    results: dict[str, Any] = {}
+    for name in config.backends:
+        backend = get_backend(name, device)  # raises with the list of usable backends
+        per_module: dict[str, Any] = {}
+        for module, graph in graphs.items():
+            inputs = tuple(t.to(device) for t in graph.example_inputs(config.batch))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            try:
+                runner = backend.load(graph, batch=config.batch)
+                runner(*inputs)  # first call: compilation / session warm-up, reported separately
+            except BackendError as exc:
+                per_module[module] = {"error": str(exc)}
+                continue
+            load_s = time.perf_counter() - start
+            stats = time_runner(runner, inputs, device, config.warmup, config.iters)
+            stats.update(load_s=load_s, peak_memory_mb=_peak_memory_mb(device))
+            per_module[module] = stats
+        frame = per_module.get("warping_decoder", {})
+        fps = config.batch * 1000 / frame["median_ms"] if "median_ms" in frame else None
+        results[name] = {"modules": per_module, "frames_per_s": fps}
+    return {
+        "benchmark": "backends",
+        "device": device_name(config.device),
+        "device_type": device.type,
+        "commit": _commit(),
+        "config": asdict(config),
+        "versions": _versions(),
+        "untrained_weights": True,
+        "results": results,
+    }
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: median latency per module and backend, whiskers to p90 (log scale: modules span decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(report["results"])
+    modules = list(report["config"]["modules"])
+    width = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(modules)), 4.0))
+    for i, name in enumerate(backends):
+        stats = [report["results"][name]["modules"].get(m, {}) for m in modules]
+        med = [s.get("median_ms", np.nan) for s in stats]
+        p90 = [s.get("p90_ms", np.nan) for s in stats]
+        xs = np.arange(len(modules)) + (i - (len(backends) - 1) / 2) * width
+        err = np.clip(np.asarray(p90) - np.asarray(med), 0, None)
+        fps = report["results"][name]["frames_per_s"]
+        label = f"{name} ({fps:.1f} frames/s)" if fps else name
+        ax.bar(xs, med, width, yerr=[np.zeros_like(err), err], capsize=2, label=label)
+    ax.set_xticks(np.arange(len(modules)), modules, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per call (ms, median; whisker p90)")
+    cfg = report["config"]
+    ax.set_title(f"{cfg['preset']} preset, batch {cfg['batch']}, {report['device']} ({cfg['threads']} threads)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if plot_path is not None:
+        write_plot(report, plot_path)

@@ -1,0 +1,103 @@
+"""``engine bench``: benchmarks written as JSON (+ PNG).
+
+``engine bench --backend B --preset P`` (or ``engine bench backends ...``) times the runtime backends. Other
+benchmarks are separate subcommands of this group (e.g. a future ``engine bench sync``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from engine.backends import BACKEND_NAMES
+
+DEFAULT_JSON = Path("benchmarks/results/backends_{device}.json")
+
+
+def backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--backend",
+            "backend_names",
+            multiple=True,
+            help=f"Backend(s) to time, repeatable (default: eager and onnxruntime). One of {list(BACKEND_NAMES)}.",
+        ),
+        click.option("--preset", default="tiny", show_default=True, help="Renderer preset (random weights)."),
+        click.option("--batch", default=1, show_default=True, type=click.IntRange(1)),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--iters", default=20, show_default=True, type=click.IntRange(1)),
+        click.option("--warmup", default=3, show_default=True, type=click.IntRange(0)),
+        click.option("--module", "modules", multiple=True, help="Modules to time (default: the renderer + lmdm)."),
+        click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None),
+        click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_backends_bench(
+    backend_names: tuple[str, ...],
+    preset: str,
+    batch: int,
+    device: str,
+    iters: int,
+    warmup: int,
+    modules: tuple[str, ...],
+    out: Path | None,
+    plot: Path | None,
+) -> dict[str, Any]:
+    from engine.backends import BackendError
+    from engine.backends.bench import DEFAULT_MODULES, BenchConfig, run_bench, write_report
+
+    try:
+        config = BenchConfig(
+            backends=backend_names or ("eager", "onnxruntime"),
+            preset=preset,
+            batch=batch,
+            device=device,
+            warmup=warmup,
+            iters=iters,
+            modules=modules or DEFAULT_MODULES,
+        )
+        report = run_bench(config)
+    except (BackendError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    json_path = out or Path(str(DEFAULT_JSON).format(device=device.split(":")[0]))
+    plot_path = plot or json_path.with_suffix(".png")
+    write_report(report, json_path, plot_path)
+    for name, result in report["results"].items():
+        fps = result["frames_per_s"]
+        click.echo(f"{name}: " + (f"{fps:.1f} frames/s" if fps else "no warping_decoder timing"))
+        for module, stats in result["modules"].items():
+            if "error" in stats:
+                click.echo(f"  {module:16s} error: {stats['error']}")
+            else:
+                click.echo(
+                    f"  {module:16s} median {stats['median_ms']:8.2f} ms  p90 {stats['p90_ms']:8.2f}  "
+                    f"p99 {stats['p99_ms']:8.2f}  peak {stats['peak_memory_mb']:.0f} MiB"
+                )
+    click.echo(f"wrote {json_path} and {plot_path}")
+    return report
+
+
+@click.group("bench", invoke_without_command=True)
+@backend_options
+@click.pass_context
+def bench(ctx: click.Context, **options: Any) -> None:
+    """Benchmarks. Without a subcommand: the backend benchmark (same options as 'engine bench backends')."""
+    if ctx.invoked_subcommand is None:
+        run_backends_bench(**options)
+
+
+@bench.command("backends")
+@backend_options
+def backends(**options: Any) -> None:
+    """Per-module latency (median, p90, p99), frames/s and peak memory per backend -> JSON + PNG."""
+    run_backends_bench(**options)
+
+
+# ---- further benchmarks (e.g. ``engine bench sync``) are added below as their own subcommands -----------------

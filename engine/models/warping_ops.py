@@ -1,0 +1,72 @@
+"""The three hot pieces of dense motion / warping as plain functions (reference path, spec section 3).
+
+Kept free of module state so fused CUDA versions can sit behind the same signatures; these pure-PyTorch
+versions are the parity twins and follow the spec literally (including the align_corners mismatch: the grid
+uses the align_corners=True convention while every grid_sample uses align_corners=False).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KP_VARIANCE = 0.01  # Gaussian heatmap variance of kp2gaussian
+
+
+def coordinate_grid(d: int, h: int, w: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """``[d, h, w, 3]`` grid with last dim ordered (x, y, z), each axis spanning [-1, 1] voxel centre to centre."""
+
+    def axis(n: int) -> Tensor:
+        r = torch.arange(n, dtype=dtype, device=device)
+        return 2 * (r / (n - 1)) - 1
+
+    z, y, x = torch.meshgrid(axis(d), axis(h), axis(w), indexing="ij")  # each [d, h, w]
+    return torch.stack([x, y, z], dim=-1)
+
+
+def keypoint_heatmap(kp: Tensor, grid: Tensor) -> Tensor:
+    """Gaussian of each keypoint on the grid: ``kp [B, K, 3]``, ``grid [D, H, W, 3]`` -> ``[B, K, D, H, W]``."""
+    diff = grid[None, None] - kp[:, :, None, None, None, :]  # [B, K, D, H, W, 3]
+    return torch.exp(-0.5 * (diff**2).sum(-1) / KP_VARIANCE)
+
+
+def sparse_motions(kp_driving: Tensor, kp_source: Tensor, d: int, h: int, w: int) -> Tensor:
+    """Per-keypoint motions ``[B, K+1, D, H, W, 3]``; index 0 is the identity (background)."""
+    grid = coordinate_grid(d, h, w, kp_source.dtype, kp_source.device)  # [D, H, W, 3]
+    b = kp_source.shape[0]
+    shifted = grid[None, None] - kp_driving[:, :, None, None, None, :]  # [B, K, D, H, W, 3]
+    shifted = shifted + kp_source[:, :, None, None, None, :]
+    identity = grid[None, None].expand(b, 1, d, h, w, 3)
+    return torch.cat([identity, shifted], dim=1)
+
+
+def sparse_motion_input(compressed: Tensor, kp_driving: Tensor, kp_source: Tensor) -> Tensor:
+    """Hourglass input ``[B, (K+1)*(C+1), D, H, W]`` from the compressed feature ``[B, C, D, H, W]``.
+
+    Per motion m the channels are [heatmap, C deformed channels]; motion 0 (background) has a zero heatmap.
+    """
+    b, c, d, h, w = compressed.shape
+    k1 = kp_source.shape[1] + 1
+    grid = coordinate_grid(d, h, w, kp_source.dtype, kp_source.device)
+    heat = keypoint_heatmap(kp_driving, grid) - keypoint_heatmap(kp_source, grid)  # [B, K, D, H, W]
+    heat = torch.cat([torch.zeros_like(heat[:, :1]), heat], dim=1)[:, :, None]  # [B, K+1, 1, D, H, W]
+    motions = sparse_motions(kp_driving, kp_source, d, h, w)  # [B, K+1, D, H, W, 3]
+    repeated = compressed[:, None].expand(b, k1, c, d, h, w).reshape(b * k1, c, d, h, w)
+    deformed = F.grid_sample(repeated, motions.reshape(b * k1, d, h, w, 3), align_corners=False)
+    deformed = deformed.view(b, k1, c, d, h, w)  # [B, K+1, C, D, H, W]
+    return torch.cat([heat, deformed], dim=2).view(b, k1 * (c + 1), d, h, w)
+
+
+def deformation_from_mask(mask_logits: Tensor, kp_driving: Tensor, kp_source: Tensor) -> Tensor:
+    """Softmax of ``mask_logits [B, K+1, D, H, W]`` over the motions, then the weighted motion ``[B, D, H, W, 3]``."""
+    _, _, d, h, w = mask_logits.shape
+    mask = torch.softmax(mask_logits, dim=1)  # [B, K+1, D, H, W]
+    motions = sparse_motions(kp_driving, kp_source, d, h, w).permute(0, 1, 5, 2, 3, 4)  # [B, K+1, 3, D, H, W]
+    deformation = (mask[:, :, None] * motions).sum(dim=1)  # [B, 3, D, H, W]
+    return deformation.permute(0, 2, 3, 4, 1)
+
+
+def warp_volume(feature: Tensor, deformation: Tensor) -> Tensor:
+    """Trilinear sample of ``feature [B, C, D, H, W]`` at ``deformation [B, D, H, W, 3]`` (zeros outside)."""
+    return F.grid_sample(feature, deformation, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,183 @@
+"""The neural motion path as one :class:`engine.motion.base.MotionStage`.
+
+feature rows -> :class:`WindowScheduler` (diffusion windows) -> :class:`MotionStitch` (relative to the avatar)
+-> optional lip head offsets -> :class:`MotionControls` (emotion, lips x loudness, blinks, gaze, head pose)
+-> smoothing -> :class:`MotionFrame`. Everything is deterministic given the seeds in the config, so a stream
+pushed in any chunk sizes gives the same frames as the whole file at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.keypoints import MotionParams
+from engine.motion.base import MotionFrame
+from engine.motion.controls import ControllerConfig, ControlState, MotionControls
+from engine.motion.decode import MotionBounds, MotionStitch, decode_motion
+from engine.motion.emotion import EmotionBank
+from engine.motion.heads import LipHead
+from engine.motion.samplers.guidance import MaskedDenoiser
+from engine.motion.scheduler import NON_AUDIO_DIM, SchedulerConfig, SourceCondition, WindowScheduler
+from engine.motion.smoothing import ParamsSmoother, make_smoother
+from engine.render.base import SourceFace
+
+SMOOTHING_MODES = ("none", "one_euro", "kalman")
+
+
+@dataclass(frozen=True)
+class NeuralMotionConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    smoothing: str = "one_euro"  # none | one_euro | kalman
+    smoothing_lag_frames: float = 1.0
+    loudness_column: int | None = -1  # feature column holding RMS dB (LogMelFeatures' last); None: no loudness
+    lip_head_window: int = 9  # feature rows (ending at the frame) the lip head reads
+    gaze_fix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.smoothing not in SMOOTHING_MODES:
+            raise ValueError(f"smoothing must be one of {SMOOTHING_MODES}, got {self.smoothing!r}")
+        if self.smoothing_lag_frames < 0 or self.lip_head_window < 1:
+            raise ValueError("smoothing_lag_frames must be >= 0 and lip_head_window >= 1")
+
+
+class NeuralMotionStage:
+    """Diffusion motion with controls; see the module docstring. ``controls.update(message)`` changes controls."""
+
+    def __init__(
+        self,
+        denoiser: MaskedDenoiser,
+        source: SourceFace,
+        silence: np.ndarray,
+        config: NeuralMotionConfig | None = None,
+        source_cond: SourceCondition | None = None,
+        bank: EmotionBank | None = None,
+        lip_head: LipHead | None = None,
+        bounds: MotionBounds | None = None,
+    ) -> None:
+        self.config = cfg = config or NeuralMotionConfig()
+        self.source = source
+        self.stitch = MotionStitch(source, gaze_fix=cfg.gaze_fix)
+        self.scheduler = WindowScheduler(
+            denoiser,
+            silence,
+            init_motion=self.stitch.x_s[0],
+            source_cond=source_cond or SourceCondition.from_source(source),
+            config=cfg.scheduler,
+            bounds=bounds,
+            to_params=decode_motion,
+        )
+        self.fps = self.scheduler.fps
+        self.lookahead_frames = self.scheduler.lookahead_frames
+        self.feature_dim = self.scheduler.feature_dim
+        has_loudness = cfg.loudness_column is not None and self.feature_dim > self.scheduler.audio_dim
+        self._loud_col = cfg.loudness_column if has_loudness else None
+        if lip_head is not None and lip_head.in_dim != self.feature_dim:
+            raise ValueError(f"lip head reads {lip_head.in_dim} features, the stream has {self.feature_dim}")
+        self.lip_head = lip_head
+        self.controls = MotionControls(source, bank, config=cfg.controller)
+        self.untrained = bool(getattr(denoiser, "untrained", False)) or lip_head is not None
+        self._smoother: ParamsSmoother | None = make_smoother(cfg.smoothing, cfg.smoothing_lag_frames, self.fps)
+        self._silence = np.asarray(silence, np.float32).reshape(-1)
+        self._new_stream()
+
+    def _new_stream(self) -> None:
+        self._rows: dict[int, np.ndarray] = {}  # recent feature rows by frame index (lip head, loudness)
+        self._n_in = 0
+        self.stitch.set_reference(None)
+        self.controls.reset()
+        if self._smoother is not None:
+            self._smoother.reset()
+
+    def update_controls(self, message: Mapping[str, Any]) -> ControlState:
+        """Validate and apply a control message (ControlValueError on bad input; the old state stays)."""
+        state = self.controls.update(message)
+        self.scheduler.set_emotion(self.controls.emotion_label())
+        return state
+
+    # --- MotionStage ---
+
+    def push(self, features: np.ndarray) -> list[MotionFrame]:
+        feats = np.asarray(features, np.float32)
+        start, vectors = self.scheduler.push_vectors(feats)  # validates the rows
+        for i, row in enumerate(feats):
+            self._rows[self._n_in + i] = row
+        self._n_in += feats.shape[0]
+        return self._finish(start, vectors)
+
+    def flush(self) -> list[MotionFrame]:
+        start, vectors = self.scheduler.flush_vectors()
+        frames = self._finish(start, vectors)
+        self._new_stream()
+        return frames
+
+    def interrupt(self) -> None:
+        self.scheduler.interrupt()
+        n_out = self.scheduler.frames_emitted
+        for f in [f for f in self._rows if f >= n_out]:
+            del self._rows[f]
+        self._n_in = n_out
+
+    # --- internals ---
+
+    @torch.inference_mode()
+    def _finish(self, start: int, vectors: torch.Tensor) -> list[MotionFrame]:
+        if vectors.shape[0] == 0:
+            return []
+        params = self.stitch(vectors)  # [N] relative to the source
+        frames = []
+        for i in range(vectors.shape[0]):
+            f = start + i
+            p = MotionParams(*(x[i : i + 1] for x in params))
+            if self.lip_head is not None:
+                p = p._replace(exp=p.exp + self.lip_head(self._window(f)).offsets)
+            loud = None
+            if self._loud_col is not None and f in self._rows:
+                loud = float(self._rows[f][self._loud_col])
+            p = self.controls.apply(p, f, loud)
+            if self._smoother is not None:
+                p = self._smoother(p)
+            frames.append(MotionFrame(f, p))
+        horizon = start + vectors.shape[0] - self.config.lip_head_window
+        for old in [g for g in self._rows if g < horizon]:
+            del self._rows[old]
+        return frames
+
+    def _window(self, f: int) -> torch.Tensor:
+        rows = [self._rows.get(g, self._silence) for g in range(f - self.config.lip_head_window + 1, f + 1)]
+        return torch.from_numpy(np.stack(rows))[None]  # [1, window, D]
+
+
+def build_neural_motion(
+    den: MaskedDenoiser,
+    source: SourceFace,
+    config: NeuralMotionConfig | None = None,
+    *,
+    silence: np.ndarray | None = None,
+    source_cond: SourceCondition | None = None,
+    bank: EmotionBank | None = None,
+    lip_head: LipHead | None = None,
+) -> NeuralMotionStage:
+    """Neural motion stage for ``den`` driving ``source``.
+
+    ``silence`` is the feature stage's silence row; by default the engine's log-mel stage (80 mels + loudness),
+    which fits denoisers whose condition width is ``80 + 79`` (the ``logmel``/``tiny`` presets). HuBERT-conditioned
+    denoisers need the HuBERT stage's ``silence()`` passed in.
+    """
+    if silence is None:
+        from engine.audio.features import LogMelConfig, LogMelFeatures
+
+        audio_dim = int(den.config.cond_dim) - NON_AUDIO_DIM  # type: ignore[attr-defined]
+        mel = LogMelConfig()
+        if audio_dim != mel.n_mels:
+            raise ValueError(
+                f"denoiser expects {audio_dim} audio features, the default log-mel stage gives {mel.n_mels}: "
+                "pass the feature stage's silence() (e.g. HubertStreaming)"
+            )
+        silence = LogMelFeatures(mel).silence()
+    return NeuralMotionStage(den, source, silence, config, source_cond=source_cond, bank=bank, lip_head=lip_head)

@@ -1,0 +1,385 @@
+"""A live session: audio in -> features -> motion -> keypoints -> (shared) render -> paced output, on one clock.
+
+The clock is the audio sample count. Frame ``n`` covers samples ``[n * 16000 // fps, (n + 1) * 16000 // fps)``;
+live, its audio is committed ``jitter_s`` after it was due (silence if none came, so the avatar idles from the same
+motion path) and the frame leaves with exactly that audio ``latency_s`` after the audio was live::
+
+    latency_s = jitter_s + (lookahead_frames + compute_frames) / fps
+
+Offline (``realtime=False``) frames are committed as soon as their audio is complete, rendered as fast as
+possible and none is dropped. Every stage runs as its own task between bounded queues; the render worker is
+shared by all sessions of the process (:mod:`streaming.batching`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.audio.pcm import MAX_PUSH_SECONDS, StreamingResampler
+from engine.config import ConfigError
+from engine.motion.base import FeatureStage, MotionStage
+from engine.render.base import PreparedAvatar, Renderer
+from streaming.api import ControlError
+from streaming.batching import BatchRenderer, RenderJob
+from streaming.clock import Clock, FrameSchedule, MonotonicClock, frame_bound
+from streaming.frames import SAMPLE_RATE, AudioChunk, EndOfStream, OutputAudio, VideoFrame
+from streaming.metrics import SessionMetrics
+from streaming.stages import (
+    AudioTimeline,
+    Controllable,
+    Driven,
+    DriveStep,
+    FeatureStep,
+    MotionStep,
+    Packet,
+    run_stage,
+)
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    fps: int = 25
+    lookahead_frames: int | None = None  # frames held for lookahead (features + motion); None: what the stages need
+    jitter_s: float = 0.04  # live: audio may arrive this late before its frame is committed (else: silence)
+    compute_frames: int = 2  # live: render budget in frames, part of the latency
+    realtime: bool = True  # False: offline, as fast as possible, nothing dropped
+    max_buffer_s: float = 30.0  # live: audio buffered ahead of the clock (a TTS burst); the excess is dropped
+    queue_frames: int = 32  # bound of every queue between stages
+
+    def __post_init__(self) -> None:
+        for name in ("fps", "compute_frames", "queue_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not 1 <= self.fps <= 120:
+            raise ValueError(f"fps must be in 1..120, got {self.fps}")
+        if self.lookahead_frames is not None and (
+            isinstance(self.lookahead_frames, bool)
+            or not isinstance(self.lookahead_frames, int)
+            or not 0 <= self.lookahead_frames <= 250
+        ):
+            raise ValueError(f"lookahead_frames must be an integer in 0..250 or None, got {self.lookahead_frames!r}")
+        if self.compute_frames < 0:
+            raise ValueError(f"compute_frames must be >= 0, got {self.compute_frames}")
+        if self.queue_frames < 2:
+            raise ValueError(f"queue_frames must be >= 2, got {self.queue_frames}")
+        for name in ("jitter_s", "max_buffer_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.realtime, bool):
+            raise ValueError(f"realtime must be true or false, got {self.realtime!r}")
+
+
+@dataclass
+class _Rendered:
+    generation: int
+    rgb: np.ndarray
+    created: float
+
+
+class Session:
+    """Implements :class:`streaming.api.LiveSession`. Open it through :class:`streaming.runtime.Runtime`."""
+
+    def __init__(
+        self,
+        *,
+        features: FeatureStage,
+        motion: MotionStage,
+        renderer: Renderer,
+        prepared: PreparedAvatar,
+        worker: BatchRenderer,
+        config: SessionConfig | None = None,
+        clock: Clock | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        self.config = cfg = config or SessionConfig()
+        if features.fps != cfg.fps:
+            raise ConfigError(f"feature stage runs at {features.fps} fps but the session at {cfg.fps} fps")
+        # rows for frame n need audio past it (the feature stage's window), then the motion stage's lookahead
+        spf = SAMPLE_RATE // cfg.fps
+        need = int(motion.lookahead_frames) + -(-int(getattr(features, "lookahead_samples", 0)) // spf)
+        self.lookahead_frames = need if cfg.lookahead_frames is None else cfg.lookahead_frames
+        if self.lookahead_frames < need:
+            raise ConfigError(
+                f"lookahead_frames={cfg.lookahead_frames} is below the {need} frames the feature and motion stages need"
+            )
+        self.id = session_id or f"session-{next(_ids)}"
+        self.fps = cfg.fps
+        self.size = renderer.size
+        self.untrained = bool(renderer.untrained) or bool(getattr(motion, "untrained", False))
+        self.clock: Clock = clock or MonotonicClock()
+        self.latency_s = cfg.jitter_s + (self.lookahead_frames + cfg.compute_frames) / cfg.fps
+        self.renderer = renderer
+        self.prepared = prepared
+        self.motion = motion
+        self._features = FeatureStep(features)
+        self._motion = MotionStep(motion)
+        self._drive = DriveStep(renderer, prepared)
+        self._resampler = StreamingResampler(max_seconds=MAX_PUSH_SECONDS if cfg.realtime else None)
+        max_pending = int(cfg.max_buffer_s * SAMPLE_RATE) if cfg.realtime else None
+        self._timeline = AudioTimeline(cfg.fps, max_pending)
+        self.metrics_ = SessionMetrics()
+        self.generation = 0
+        self._interrupt_horizon = 0  # frames below it that were not rendered were lost to an interrupt
+        self._q_audio: asyncio.Queue[Packet] = asyncio.Queue(cfg.queue_frames)
+        self._q_feat: asyncio.Queue[Packet] = asyncio.Queue(cfg.queue_frames)
+        self._q_motion: asyncio.Queue[Packet] = asyncio.Queue(cfg.queue_frames)
+        self._q_driven: asyncio.Queue[Packet] = asyncio.Queue(cfg.queue_frames)
+        self._video_out: asyncio.Queue[VideoFrame | None] = asyncio.Queue(cfg.queue_frames)
+        self._audio_out: asyncio.Queue[OutputAudio | None] = asyncio.Queue(cfg.queue_frames)
+        self._rendered: dict[int, _Rendered] = {}
+        self._next_out = 0  # next frame the output releases
+        self._input = asyncio.Event()  # new input audio (or the end)
+        self._render_event = asyncio.Event()  # a frame was rendered or dropped (offline output waits on it)
+        self._drive_done = False
+        self._closed = False
+        self._schedule = FrameSchedule(self.clock.now(), cfg.fps, cfg.jitter_s, self.latency_s)
+        self._slot = worker.register(
+            prepared,
+            capacity=cfg.queue_frames,
+            live=cfg.realtime,
+            deliver=self._deliver,
+            drop=self._dropped,
+        )
+        self._tasks = [
+            asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{name}")
+            for name, coro in (
+                ("source", self._source()),
+                ("features", run_stage(self._features.process, self._q_audio, self._q_feat, self._gen)),
+                ("motion", run_stage(self._motion.process, self._q_feat, self._q_motion, self._gen)),
+                ("drive", run_stage(self._drive.process, self._q_motion, self._q_driven, self._gen)),
+                ("submit", self._submit()),
+                ("output", self._output()),
+            )
+        ]
+
+    # --- the LiveSession API --------------------------------------------------------------------------------
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        if self._closed:
+            raise ValueError(f"{self.id} is closed")
+        if self._timeline.ended:
+            raise ValueError(f"{self.id}: audio pushed after end_of_stream")
+        samples = self._resampler.push(pcm, sample_rate)
+        self._timeline.append(samples, self.clock.now())
+        self._input.set()
+
+    def control(self, message: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(message, Mapping):
+            raise ControlError(f"a control message must be a JSON object, got {type(message).__name__}")
+        if not isinstance(self.motion, Controllable):
+            raise ControlError(f"the {type(self.motion).__name__} motion stage takes no controls")
+        try:
+            state = self.motion.update_controls(dict(message))
+        except ControlError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ControlError(str(exc)) from exc
+        return dict(state.as_dict()) if hasattr(state, "as_dict") else dict(state)
+
+    def interrupt(self) -> None:
+        """Barge-in: input not yet committed is forgotten, committed audio plays as silence, motion and frames in
+        flight are dropped; the motion stage returns to idle on the next frame."""
+        if self._closed:
+            return
+        self.generation += 1
+        self._timeline.interrupt()
+        self._interrupt_horizon = self._timeline.committed
+        gen = self.generation
+        self._slot.discard(lambda job: job.generation == gen)
+        for n in [k for k, r in self._rendered.items() if r.generation != gen]:
+            del self._rendered[n]
+
+    def end_of_stream(self) -> None:
+        if self._closed or self._timeline.ended:
+            return
+        tail = self._resampler.flush()
+        if tail.size:
+            self._timeline.append(tail, self.clock.now())
+        self._timeline.end()
+        self._input.set()
+
+    async def next_video(self) -> VideoFrame | None:
+        if self._closed and self._video_out.empty():
+            return None
+        return await self._video_out.get()
+
+    async def next_audio(self) -> OutputAudio | None:
+        if self._closed and self._audio_out.empty():
+            return None
+        return await self._audio_out.get()
+
+    def metrics(self) -> dict[str, float]:
+        out = self.metrics_.as_dict(self.clock.now())
+        out.update(
+            {
+                "latency_budget_ms": self.latency_s * 1000.0,
+                "lookahead_frames": float(self.lookahead_frames),
+                "frames_committed": float(self._timeline.committed),
+                "input_dropped_s": self._timeline.dropped_samples / SAMPLE_RATE,
+                "buffered_s": self._timeline.pending_samples / SAMPLE_RATE,
+                "q_audio": float(self._q_audio.qsize()),
+                "q_features": float(self._q_feat.qsize()),
+                "q_motion": float(self._q_motion.qsize()),
+                "q_keypoints": float(self._q_driven.qsize()),
+                "q_render": float(len(self._slot.pending)),
+                "q_video_out": float(self._video_out.qsize()),
+                "q_audio_out": float(self._audio_out.qsize()),
+                "render_batch_ms": self._slot.worker.render_time * 1000.0,
+            }
+        )
+        return out
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._slot.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        self._rendered.clear()
+        # wake anyone still waiting for output
+        for q in (self._video_out, self._audio_out):
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- stages owned by the session -----------------------------------------------------------------------
+
+    def _gen(self) -> int:
+        return self.generation
+
+    async def _forward(self) -> None:
+        for frame in self._timeline.take_unforwarded():
+            chunk = AudioChunk(frame.samples, frame_bound(frame.index, self.fps))
+            await self._q_audio.put((self.generation, chunk))
+
+    async def _source(self) -> None:
+        """Commit input audio to the clock frame by frame and feed it to the feature stage."""
+        tl = self._timeline
+        if self.config.realtime:
+            while not tl.exhausted:
+                target = tl.committed
+                await self.clock.sleep_until(self._schedule.commit_time(target))
+                if tl.committed == target and not tl.exhausted:
+                    tl.commit_live()  # (unless the output side already had to commit it)
+                await self._forward()
+        else:
+            while not tl.exhausted:
+                if tl.commit_ready() is None:
+                    self._input.clear()
+                    await self._input.wait()
+                    continue
+                await self._forward()
+        await self._forward()
+        await self._q_audio.put((self.generation, EndOfStream()))
+
+    async def _submit(self) -> None:
+        """Keypoints -> the shared render worker, each with the time it must be ready by."""
+        while True:
+            gen, frame = await self._q_driven.get()
+            if isinstance(frame, EndOfStream):
+                break
+            if not isinstance(frame, Driven) or gen != self.generation:
+                continue
+            deadline = self._schedule.due_time(frame.frame_index) if self.config.realtime else math.inf
+            await self._slot.submit(RenderJob(frame.frame_index, gen, frame.kp, deadline))
+        self._drive_done = True
+        self._render_event.set()
+
+    def _deliver(self, job: RenderJob, rgb: np.ndarray, now: float) -> None:
+        self.metrics_.frames_rendered += 1
+        if job.frame_index < self._next_out or job.generation != self.generation:
+            # finished after its slot (the output already counted it) or interrupted: not shown
+            self._render_event.set()
+            return
+        self._rendered[job.frame_index] = _Rendered(job.generation, rgb, now)
+        self._render_event.set()
+
+    def _dropped(self, job: RenderJob) -> None:
+        """The worker skipped the job (it could not be ready in time); the output counts the missing frame."""
+        self._render_event.set()
+
+    def _put_live(self, queue: asyncio.Queue[Any], item: Any, counter: str) -> None:
+        """Live outputs never block the clock: a reader that falls behind loses its oldest item."""
+        if queue.full():
+            queue.get_nowait()
+            setattr(self.metrics_, counter, getattr(self.metrics_, counter) + 1)
+        queue.put_nowait(item)
+
+    def _frame_done_offline(self, n: int) -> bool:
+        if n in self._rendered:
+            return True
+        later = any(k > n for k in self._rendered)
+        return later or (self._drive_done and self._slot.idle)
+
+    async def _output(self) -> None:
+        """Release frame ``n`` with its audio: live at its due time (missing frames are drops), offline in order."""
+        tl = self._timeline
+        realtime = self.config.realtime
+        n = 0
+        while True:
+            if tl.exhausted and n >= tl.committed:
+                break
+            if realtime:
+                await self.clock.sleep_until(self._schedule.due_time(n))
+                while tl.committed <= n and not tl.exhausted:
+                    tl.commit_live()  # the feature side is blocked: the output still keeps time
+                if n >= tl.committed:
+                    continue
+            else:
+                while n >= tl.committed or not self._frame_done_offline(n):
+                    if tl.exhausted and n >= tl.committed:
+                        break
+                    self._render_event.clear()
+                    await self._render_event.wait()
+                if n >= tl.committed:
+                    continue
+            self._next_out = n + 1
+            now = self.clock.now()
+            audio = tl.release(n)
+            out_audio = OutputAudio(audio.samples, frame_bound(n, self.fps))
+            rendered = self._rendered.pop(n, None)
+            video = None
+            if rendered is not None and rendered.generation == self.generation:
+                video = VideoFrame(n, self.fps, rendered.rgb, rendered.created)
+                live_at = self._schedule.live_time(n) if realtime else -math.inf
+                arrival = max(x for x in (audio.arrival, live_at) if x is not None)
+                self.metrics_.frame_out(now, now - arrival if math.isfinite(arrival) else None)
+            elif n < self._interrupt_horizon:
+                self.metrics_.frames_interrupted += 1
+            else:
+                self.metrics_.frames_dropped += 1
+            if realtime:
+                self._put_live(self._audio_out, out_audio, "audio_out_dropped")
+                if video is not None:
+                    self._put_live(self._video_out, video, "video_out_dropped")
+            else:
+                await self._audio_out.put(out_audio)
+                if video is not None:
+                    await self._video_out.put(video)
+            n += 1
+        for q in (self._video_out, self._audio_out):
+            if realtime:
+                self._put_live(q, None, "video_out_dropped")
+            else:
+                await q.put(None)

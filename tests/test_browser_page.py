@@ -1,0 +1,165 @@
+"""The browser page in headless Chromium: microphone (a fake device playing a WAV) in, decoded avatar video out.
+
+Chromium is driven over the DevTools protocol with a plain websocket (no npm, no playwright); the page writes
+its getStats() numbers into ``#rtc-stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+from test_server_double import FakeFactory, burst_signal
+
+from streaming.server import ServerConfig, create_app
+from streaming.server.app import CLASSIC_BANNER
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+
+def chromium_binary() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "chromium is not installed (apt-get install chromium)"
+    return found
+
+
+def write_wav(path: Path, seconds: float) -> None:
+    pcm = (burst_signal(seconds) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(48_000)
+        wav.writeframes(pcm.tobytes())
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol: evaluate JavaScript in the page."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._next = 0
+
+    async def evaluate(self, expression: str) -> Any:
+        self._next += 1
+        await self._ws.send_json(
+            {
+                "id": self._next,
+                "method": "Runtime.evaluate",
+                "params": {"expression": expression, "returnByValue": True},
+            }
+        )
+        while True:
+            msg = await self._ws.receive_json(timeout=10)
+            if msg.get("id") == self._next:
+                result = msg["result"]
+                if "exceptionDetails" in result:
+                    raise AssertionError(f"page error: {result['exceptionDetails']}")
+                return result["result"].get("value")
+
+
+@contextlib.asynccontextmanager
+async def chromium(url: str, tmp_path: Path, wav: Path) -> AsyncIterator[DevTools]:
+    profile = tmp_path / "profile"
+    args = [
+        chromium_binary(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        url,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
+            await asyncio.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        async with aiohttp.ClientSession() as http:
+            page = None
+            for _ in range(100):
+                async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                    targets = await resp.json()
+                page = next((t for t in targets if t.get("type") == "page" and t["url"].startswith(url[:20])), None)
+                if page:
+                    break
+                await asyncio.sleep(0.1)
+            assert page, "no page target"
+            async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                yield DevTools(ws)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_page_receives_decoded_video(tmp_path: Path) -> None:
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 20.0)
+    factory = FakeFactory(size=128)
+    app = create_app(factory, ServerConfig(token="sesame"))
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        url = str(server.make_url("/")) + "?autostart=1&token=sesame"
+        async with chromium(url, tmp_path, wav) as page:
+            stats: dict[str, Any] = {}
+            for _ in range(300):
+                raw = await page.evaluate("(document.getElementById('rtc-stats') || {}).textContent")
+                stats = json.loads(raw or "{}")
+                if stats.get("framesDecoded", 0) >= 100 and stats.get("serverFps"):
+                    break
+                await asyncio.sleep(0.1)
+            first = stats.get("framesDecoded", 0)
+            await asyncio.sleep(4.0)
+            stats = json.loads(await page.evaluate("document.getElementById('rtc-stats').textContent"))
+            shown_fps = (stats["framesDecoded"] - first) / 4.0
+            banner = await page.evaluate("document.getElementById('banner').textContent")
+            print(f"\nchromium: {stats}, decoded fps {shown_fps:.1f}")
+            assert first >= 100, stats
+            assert shown_fps >= 0.8 * factory.fps, stats
+            assert stats["freezeCount"] <= 2, stats
+            assert stats["acks"] >= 1, "the page's first control message was acknowledged"
+            assert stats["codec"] in ("video/VP8", "video/H264"), stats
+            assert banner == CLASSIC_BANNER
+            session = factory.sessions[0]
+            assert session.pushed_samples > 16_000, "the fake microphone reached the session"
+            # the page's controls reach the session through the data channel
+            await page.evaluate(
+                "document.getElementById('emotion').value='sad';"
+                "document.getElementById('emotion').dispatchEvent(new Event('change'))"
+            )
+            for _ in range(50):
+                if session.state["emotion"] == "sad":
+                    break
+                await asyncio.sleep(0.1)
+            assert session.state["emotion"] == "sad"
+            assert np.isfinite(stats["latencyMs"])
+    finally:
+        await server.close()
