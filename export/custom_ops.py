@@ -85,7 +85,9 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
 
     def flow_warp(feature: Any, mask_logits: Any, kp_driving: Any, kp_source: Any, return_deformation: bool) -> Any:
         # the plugin always has both outputs; an unused deformation is simply not consumed
-        out, deformation = flow_warp_op(feature, mask_logits, kp_driving, kp_source, **PLUGIN_ATTRIBUTES, _num_outputs=2)
+        out, deformation = flow_warp_op(
+            feature, mask_logits, kp_driving, kp_source, **PLUGIN_ATTRIBUTES, _num_outputs=2
+        )
         return out, deformation
 
     def sparse_motion(compressed: Any, kp_driving: Any, kp_source: Any) -> Any:

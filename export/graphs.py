@@ -145,6 +145,7 @@ class FusedWarpingGraph(nn.Module):
         occlusion = torch.sigmoid(dm.occlusion(prediction.reshape(b, c * d, h, wd)))  # [B, 1, 64, 64]
         fused = kernel_ops.flow_warp(feature_3d, dm.mask(prediction), kp_d, kp_s, return_deformation=True, impl="fused")
         out, deformation = fused.out, fused.deformation
+        assert deformation is not None  # requested above
         b, c, d, h, wd = out.shape  # [B, 32, 16, 64, 64]
         out = w.fourth(w.third(out.reshape(b, c * d, h, wd)))  # [B, 256, 64, 64]
         return out * occlusion, occlusion, deformation

@@ -5,23 +5,23 @@ saved with an IR version the installed onnxruntime accepts (newer exporters writ
 runtimes load) and, for the standard flavour, are loaded back into onnxruntime before they are listed.
 
 ``fp16`` files are the fp32 graphs converted with onnxruntime's float16 converter, keeping inputs and outputs
-fp32 and grid sampling (``GridSample`` and the plugin nodes) in fp32: trilinear weights and sampling coordinates
-lose whole voxels' worth of precision in half.
+fp32 and grid sampling (``GridSample`` and the plugin nodes) in fp32: the sampler's coordinate-to-voxel scaling
+and its eight-corner weighted sum are where half precision would add error to every warped voxel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -39,7 +39,7 @@ ExportDtype = Literal["fp32", "fp16"]
 # ops the fp16 conversion leaves in fp32 (besides onnxruntime's own block list)
 FP32_OPS: tuple[str, ...] = ("GridSample", *custom_ops.PLUGIN_OPS)
 
-_ONNX_DTYPES = {
+_ONNX_DTYPES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
@@ -114,7 +114,64 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             model, keep_io_types=True, op_block_list=block, disable_shape_infer=False
         )
     _drop_duplicate_casts(converted.graph)
-    return converted
+    _skip_fp32_round_trips(converted.graph)
+    _sort_topologically(converted.graph)  # the converter appends its Casts after their consumers
+    # it also leaves some intermediate type annotations at their old dtype: drop them all and re-infer
+    del converted.graph.value_info[:]
+    inferred: onnx.ModelProto = onnx.shape_inference.infer_shapes(converted, strict_mode=True)
+    return inferred
+
+
+def _skip_fp32_round_trips(graph: onnx.GraphProto) -> None:
+    """Feed fp32-only nodes the fp32 graph input itself instead of ``Cast(fp32, Cast(fp16, input))``.
+
+    With fp32 inputs kept, the converter casts every input to fp16 and back for fp32-only nodes: keypoints going
+    into the plugins would lose precision for nothing (sampling coordinates, ~1e-3 in [-1, 1]).
+    """
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            outer = producer.get(name)
+            if cast_to(outer) != TensorProto.FLOAT:
+                continue
+            assert outer is not None
+            inner = producer.get(outer.input[0])
+            if cast_to(inner) == TensorProto.FLOAT16 and inner is not None and inner.input[0] in fp32_inputs:
+                node.input[k] = inner.input[0]
+    # drop the Casts nobody reads any more
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (stable otherwise)."""
+    available = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            missing = sorted({i for n in pending for i in n.input if i not in available})[:5]
+            raise ExportError(f"graph has a cycle or undefined values: {missing}")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _drop_duplicate_casts(graph: onnx.GraphProto) -> None:
@@ -136,6 +193,22 @@ def _drop_duplicate_casts(graph: onnx.GraphProto) -> None:
     graph.node.extend(keep)
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (absent torchvision ops, optimizer notes); errors still propagate."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
 def _to_onnx(graph: Graph, *, flavour: Flavour, batch: int | None) -> onnx.ModelProto:
     """The fp32 ONNX model of ``graph``; ``batch=None`` gives a dynamic leading axis."""
     example = graph.example_inputs(2 if batch is None else batch)  # size 1 would be specialised by torch.export
@@ -147,8 +220,7 @@ def _to_onnx(graph: Graph, *, flavour: Flavour, batch: int | None) -> onnx.Model
     table = custom_ops.translation_table() if flavour == "tensorrt" else None
     graph.module.eval()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_exporter():
             program = torch.onnx.export(
                 graph.module,
                 tuple(example),
@@ -277,7 +349,3 @@ def read_index(onnx_dir: Path) -> dict[str, Any]:
         if not (Path(onnx_dir) / record["file"]).is_file():
             raise ExportError(f"{path}: module {name!r} lists {record['file']}, which is missing")
     return index
-
-
-def numpy_inputs(inputs: Iterable[torch.Tensor]) -> list[np.ndarray]:
-    return [t.detach().cpu().numpy() for t in inputs]

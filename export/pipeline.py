@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.models import liveportrait
 from engine.motion import lmdm
-from engine.weights.checkpoint import read_record
+from engine.weights.checkpoint import CheckpointError, read_record
 from export.graphs import (
     ALL_GRAPHS,
     DENOISER_GRAPHS,
@@ -54,7 +54,7 @@ class ExportRequest:
     batch: int | None = 1
     flavour: Flavour = "standard"
     modules: Sequence[str] | None = None
-    heads: HeadDims = HeadDims()
+    heads: HeadDims = field(default_factory=HeadDims)
 
 
 def resolve_preset(weights: Path | None, preset: str | None) -> str:
@@ -80,13 +80,21 @@ def build_graphs(request: ExportRequest) -> tuple[dict[str, Graph], dict[str, An
     if renderer:
         nets = liveportrait.load(request.weights) if request.weights else liveportrait.build(preset)
         graphs.update(renderer_graphs(nets, request.flavour, names=renderer))
-        source["liveportrait"] = {"store": str(request.weights) if request.weights else None, "id": nets.weights_id}
+        source["liveportrait"] = {
+            "store": str(request.weights) if request.weights else None,
+            "id": nets.weights_id,
+            "source_sha256": _store_hashes(request.weights),
+        }
         if nets.untrained:
             untrained.append("liveportrait")
     if any(n in DENOISER_GRAPHS for n in names):
         den = lmdm.load(request.ditto) if request.ditto else lmdm.build(LMDM_PRESET.get(preset, "tiny"))
         graphs["lmdm"] = denoiser_graph(den)
-        source["lmdm"] = {"store": str(request.ditto) if request.ditto else None, "config": vars(den.config)}
+        source["lmdm"] = {
+            "store": str(request.ditto) if request.ditto else None,
+            "config": vars(den.config),
+            "source_sha256": _store_hashes(request.ditto),
+        }
         if den.untrained:
             untrained.append("lmdm")
     heads = [n for n in names if n in HEAD_GRAPHS]
@@ -97,6 +105,17 @@ def build_graphs(request: ExportRequest) -> tuple[dict[str, Graph], dict[str, An
         source["heads"] = {"dims": vars(request.heads)}
         untrained.append("heads")
     return {n: graphs[n] for n in names}, source
+
+
+def _store_hashes(store: Path | None) -> dict[str, str] | None:
+    """The checkpoint hashes an imported store recorded (``engine weights import``), if any."""
+    if store is None:
+        return None
+    try:
+        hashes = read_record(store).get("source_sha256")
+    except (OSError, ValueError, CheckpointError):
+        return None
+    return dict(hashes) if isinstance(hashes, dict) else None
 
 
 def run_export(request: ExportRequest, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:

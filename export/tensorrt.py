@@ -3,7 +3,7 @@
 * The project's plugin library (kernels/trt, ``libavatar_engine_trt_plugins.so``) is loaded before parsing, so the
   ``avatar_engine`` plugin nodes resolve.
 * fp16 / bf16 engines keep grid sampling in fp32: the plugin layers and any ``GRID_SAMPLE`` layer are pinned to
-  fp32 with ``OBEY_PRECISION_CONSTRAINTS`` (trilinear weights and coordinates lose whole voxels in half).
+  fp32 with ``OBEY_PRECISION_CONSTRAINTS`` (coordinate scaling and the eight-corner sum stay exact to fp32).
 * Engines are cached by GPU, TensorRT version, ONNX hash, precision and plugin-library hash; a timing cache
   (one per GPU and TensorRT version) makes rebuilds fast.
 
@@ -13,6 +13,7 @@ entry point raises :class:`TensorRTUnavailable` with what to install.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -176,9 +177,13 @@ def configure_builder(
     return cfg, pinned
 
 
-def _load_plugins(trt: ModuleType, logger_: Any, plugin_library: Path) -> None:
-    trt.init_libnvinfer_plugins(logger_, "")
-    trt.get_plugin_registry().load_library(str(plugin_library))
+@functools.cache
+def load_plugins(plugin_library: str) -> None:
+    """Register TensorRT's own plugins and the project's library, once per process and library path."""
+    trt = import_tensorrt()
+    trt.init_libnvinfer_plugins(trt.Logger(trt.Logger.WARNING), "")
+    if trt.get_plugin_registry().load_library(plugin_library) is None:
+        raise TensorRTUnavailable(f"TensorRT could not load the plugin library {plugin_library}")
 
 
 def build_engine(
@@ -193,7 +198,7 @@ def build_engine(
     """Parse ``onnx_path`` and write the serialized engine; returns the layers pinned to fp32."""
     trt = import_tensorrt()
     trt_logger = trt.Logger(trt.Logger.WARNING)
-    _load_plugins(trt, trt_logger, plugin_library)
+    load_plugins(str(Path(plugin_library).resolve()))
     builder = trt.Builder(trt_logger)
     explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
     network = builder.create_network(0 if explicit is None else 1 << int(explicit))
@@ -235,6 +240,13 @@ def build_engines(
     unknown = [n for n in names if n not in index["modules"]]
     if unknown:
         raise ValueError(f"{onnx_dir}: no module(s) {unknown}; it has {sorted(index['modules'])}")
+    standard_samplers = [n for n in names if index["flavour"] == "standard" and index["modules"][n]["grid_sampling"]]
+    if standard_samplers:
+        logger.warning(
+            "%s use ONNX GridSample on 5-D volumes, which TensorRT's parser may reject; export with "
+            "'--flavour tensorrt' to use the project's plugins",
+            ", ".join(standard_samplers),
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timing = out_dir / timing_cache_name(gpu, trt.__version__)

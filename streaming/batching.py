@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from engine.render.base import PreparedAvatar, Renderer
 from streaming.clock import Clock
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,62 @@ class BatchConfig:
             raise ValueError(f"ema must be in (0, 1], got {self.ema!r}")
 
 
+class WorkerThread:
+    """One daemon thread running blocking calls for the event loop; :meth:`aclose` returns once it has exited.
+
+    (A ``ThreadPoolExecutor`` can only be joined by blocking the loop; this one is joined by polling.)
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+
+    def _main(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args, fut = item
+            assert self._loop is not None
+            if fut.cancelled():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting task
+                self._loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, fut, result)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        if not self._started:
+            self._loop = loop
+            self._thread.start()
+            self._started = True
+        fut: asyncio.Future[T] = loop.create_future()
+        self._calls.put((fn, args, fut))
+        return await fut
+
+    async def aclose(self) -> None:
+        if not self._started:
+            return
+        self._calls.put(None)
+        while self._thread.is_alive():  # a call still running finishes first (torch cannot be interrupted)
+            await asyncio.sleep(0.005)
+        self._started = False
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
 @dataclass(frozen=True)
 class RenderJob:
     frame_index: int
@@ -55,6 +117,7 @@ def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
 
 Deliver = Callable[[RenderJob, np.ndarray, float], None]  # (job, rgb [S, S, 3], clock time) -> None
 Drop = Callable[[RenderJob], None]
+Fail = Callable[[BaseException], None]
 
 
 class RenderSlot:
@@ -68,6 +131,7 @@ class RenderSlot:
         live: bool,
         deliver: Deliver,
         drop: Drop,
+        fail: Fail,
     ) -> None:
         self.worker = worker
         self.prepared = prepared
@@ -75,6 +139,7 @@ class RenderSlot:
         self.live = live
         self.deliver = deliver
         self.drop = drop
+        self.fail = fail
         self.pending: deque[RenderJob] = deque()
         self.in_flight = 0
         self._space = asyncio.Event()
@@ -132,7 +197,7 @@ class BatchRenderer:
         self._rr = 0  # session the next batch starts with (round-robin fairness)
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = WorkerThread("render-worker")
         self.render_time = 0.0  # EMA seconds per batch
         self.frame_time = 0.0  # EMA seconds per frame of a batch (what catch-up decisions use)
         self.batches = 0
@@ -140,11 +205,11 @@ class BatchRenderer:
         self.batch_sizes: list[int] = []
 
     def register(
-        self, prepared: PreparedAvatar, *, capacity: int, live: bool, deliver: Deliver, drop: Drop
+        self, prepared: PreparedAvatar, *, capacity: int, live: bool, deliver: Deliver, drop: Drop, fail: Fail
     ) -> RenderSlot:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="render-worker")
-        slot = RenderSlot(self, prepared, capacity, live, deliver, drop)
+        slot = RenderSlot(self, prepared, capacity, live, deliver, drop, fail)
         self._slots.append(slot)
         return slot
 
@@ -220,12 +285,15 @@ class BatchRenderer:
             started = self.clock.now()
             try:
                 if self.config.threaded:
-                    if self._executor is None:
-                        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-worker")
-                    loop = asyncio.get_running_loop()
-                    images = await loop.run_in_executor(self._executor, self._render, prepared, kp)
+                    images = await self._thread.run(self._render, prepared, kp)
                 else:
                     images = self._render(prepared, kp)
+            except Exception as exc:
+                # the worker serves every session: one bad batch ends the sessions in it, not the worker
+                logger.error("render batch of %d failed: %r", len(batch), exc, exc_info=exc)
+                for slot in {id(s): s for s, _ in batch}.values():
+                    slot.fail(exc)
+                continue
             finally:
                 for slot, _ in batch:
                     slot.in_flight -= 1
@@ -252,7 +320,4 @@ class BatchRenderer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._executor is not None:
-            # waits for a render already running in the thread, so no thread outlives the worker
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        await self._thread.aclose()  # after a render still running in it, so no thread outlives the worker

@@ -29,6 +29,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 logger = logging.getLogger(__name__)
 
 FRAME_S = 0.02  # 20 ms audio frames, the WebRTC norm
+AIORTC_AUDIO_HOLD_S = 0.08  # aiortc's audio jitter buffer waits for 4 packets before it plays any
 PORTAUDIO_HINT = (
     "install the client extras: pip install 'avatar-engine[client]' and the PortAudio library (libportaudio2)"
 )
@@ -528,7 +529,7 @@ class ClientOptions:
     show: bool = False
     virtual_camera: bool = False
     audio_out: str | int | None = None
-    audio_delay_ms: float | None = None  # None: one frame when a virtual camera is used, else 0
+    audio_delay_ms: float | None = None  # None: what the camera adds beyond aiortc's own audio hold (see below)
     duration_s: float | None = None  # None: the WAV's length plus one second, or until interrupted (mic)
     record_dir: Path | None = None
     fps_hint: int = 25
@@ -569,7 +570,10 @@ async def run_client(options: ClientOptions, stop: asyncio.Event | None = None) 
                 client.video_sinks.append(camera)
                 camera_delay = camera.frame_delay_s
             if options.audio_out is not None:
-                delay = options.audio_delay_ms / 1000.0 if options.audio_delay_ms is not None else camera_delay
+                # aiortc already holds received audio AIORTC_AUDIO_HOLD_S before playing it (measured: the sound
+                # arrives ~70-80 ms after its picture); only a slower camera path needs more
+                auto = max(0.0, camera_delay - AIORTC_AUDIO_HOLD_S)
+                delay = options.audio_delay_ms / 1000.0 if options.audio_delay_ms is not None else auto
                 player = AudioOutSink(options.audio_out, delay)
                 closers.append(player.close)
                 client.audio_sinks.append(player)

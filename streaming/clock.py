@@ -138,10 +138,6 @@ class FrameSchedule:
     def due_time(self, n: int) -> float:
         return self.live_time(n) + self.latency_s
 
-    def frame_at(self, t: float) -> int:
-        """The last frame whose audio is live at time ``t`` (-1 before the first)."""
-        return int((t - self.t0) * self.fps) - 1
-
 
 def frame_bound(n: int, fps: int) -> int:
     """First sample of frame ``n`` on the 16 kHz clock (integer so any fps tiles the audio exactly)."""

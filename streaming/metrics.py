@@ -30,6 +30,8 @@ class SessionMetrics:
         if latency is not None:
             self.latencies.append(latency)
             self._all_latencies.append(latency)
+            if len(self._all_latencies) > 200_000:  # ~2 h at 25 fps: keep a long session's memory flat
+                del self._all_latencies[:100_000]
 
     def fps(self, now: float) -> float:
         times = [t for t in self._out_times if t >= now - self.fps_window_s]
@@ -39,8 +41,9 @@ class SessionMetrics:
         return (len(times) - 1) / span
 
     def percentile(self, q: float) -> float:
+        """0.0 before the first frame (metrics go to JSON, which has no NaN)."""
         if not self.latencies:
-            return float("nan")
+            return 0.0
         return float(np.percentile(np.asarray(self.latencies), q))
 
     def all_latencies(self) -> list[float]:
@@ -51,6 +54,7 @@ class SessionMetrics:
         return {
             "latency_p50_ms": self.percentile(50) * 1000.0,
             "latency_p95_ms": self.percentile(95) * 1000.0,
+            "latency_samples": float(len(self.latencies)),
             "fps": self.fps(now),
             "frames_out": float(self.frames_out),
             "frames_rendered": float(self.frames_rendered),

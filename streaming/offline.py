@@ -90,6 +90,8 @@ async def render_to_file(
                     writer.audio(chunk.samples)
 
             await run_all(feed(), video(), sound())
+            if session.error is not None:
+                raise RuntimeError(f"rendering failed: {session.error!r}") from session.error
             frames = writer.frames
         metrics = session.metrics()
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from engine.config import ConfigError
 from engine.motion.base import FeatureStage, MotionStage
 from engine.render.base import PreparedAvatar, Renderer
 from streaming.api import ControlError
-from streaming.batching import BatchRenderer, RenderJob
+from streaming.batching import BatchRenderer, RenderJob, WorkerThread
 from streaming.clock import Clock, FrameSchedule, MonotonicClock, frame_bound
 from streaming.frames import SAMPLE_RATE, AudioChunk, EndOfStream, OutputAudio, VideoFrame
 from streaming.metrics import SessionMetrics
@@ -43,6 +44,7 @@ from streaming.stages import (
     run_stage,
 )
 
+logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 
@@ -55,6 +57,7 @@ class SessionConfig:
     realtime: bool = True  # False: offline, as fast as possible, nothing dropped
     max_buffer_s: float = 30.0  # live: audio buffered ahead of the clock (a TTS burst); the excess is dropped
     queue_frames: int = 32  # bound of every queue between stages
+    offload: bool = True  # run features and motion in a thread of the session (False: on the loop, for tests)
 
     def __post_init__(self) -> None:
         for name in ("fps", "compute_frames", "queue_frames"):
@@ -77,8 +80,9 @@ class SessionConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.realtime, bool):
-            raise ValueError(f"realtime must be true or false, got {self.realtime!r}")
+        for name in ("realtime", "offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -124,7 +128,8 @@ class Session:
         self.prepared = prepared
         self.motion = motion
         self._features = FeatureStep(features)
-        self._motion = MotionStep(motion)
+        self._motion = MotionStep(motion, catch_up=self._catch_up if cfg.realtime else None)
+        self._stage_thread = WorkerThread(f"{self.id}-stages") if cfg.offload else None
         self._drive = DriveStep(renderer, prepared)
         self._resampler = StreamingResampler(max_seconds=MAX_PUSH_SECONDS if cfg.realtime else None)
         max_pending = int(cfg.max_buffer_s * SAMPLE_RATE) if cfg.realtime else None
@@ -151,18 +156,50 @@ class Session:
             live=cfg.realtime,
             deliver=self._deliver,
             drop=self._dropped,
+            fail=self._fail,
         )
+        self.error: BaseException | None = None  # why the session stopped early (a stage raised)
         self._tasks = [
             asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{name}")
             for name, coro in (
                 ("source", self._source()),
-                ("features", run_stage(self._features.process, self._q_audio, self._q_feat, self._gen)),
-                ("motion", run_stage(self._motion.process, self._q_feat, self._q_motion, self._gen)),
+                (
+                    "features",
+                    run_stage(self._features.process, self._q_audio, self._q_feat, self._gen, self._stage_thread),
+                ),
+                (
+                    "motion",
+                    run_stage(self._motion.process, self._q_feat, self._q_motion, self._gen, self._stage_thread),
+                ),
                 ("drive", run_stage(self._drive.process, self._q_motion, self._q_driven, self._gen)),
                 ("submit", self._submit()),
                 ("output", self._output()),
             )
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A stage that raises ends the session (outputs return None) instead of silently stalling it."""
+        if task.cancelled() or task.exception() is None or self._closed:
+            return
+        exc = task.exception()
+        assert exc is not None
+        logger.error("%s: stage %s failed: %r", self.id, task.get_name(), exc, exc_info=exc)
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._closed:
+            return
+        self.error = exc
+        self._closed = True
+        self._slot.close()
+        for other in self._tasks:
+            other.cancel()
+        for q in (self._video_out, self._audio_out):
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(None)
 
     # --- the LiveSession API --------------------------------------------------------------------------------
 
@@ -211,14 +248,19 @@ class Session:
         self._input.set()
 
     async def next_video(self) -> VideoFrame | None:
-        if self._closed and self._video_out.empty():
-            return None
-        return await self._video_out.get()
+        return await self._next(self._video_out)
 
     async def next_audio(self) -> OutputAudio | None:
-        if self._closed and self._audio_out.empty():
+        """Offline (``realtime=False``) read both outputs: an unread one fills up and holds the other back."""
+        return await self._next(self._audio_out)
+
+    async def _next(self, queue: asyncio.Queue[Any]) -> Any:
+        if self._closed and queue.empty():
             return None
-        return await self._audio_out.get()
+        item = await queue.get()
+        if item is None:
+            queue.put_nowait(None)  # the end stays the end for every later call
+        return item
 
     def metrics(self) -> dict[str, float]:
         out = self.metrics_.as_dict(self.clock.now())
@@ -227,6 +269,7 @@ class Session:
                 "latency_budget_ms": self.latency_s * 1000.0,
                 "lookahead_frames": float(self.lookahead_frames),
                 "frames_committed": float(self._timeline.committed),
+                "motion_rows_skipped": float(self._motion.skipped),
                 "input_dropped_s": self._timeline.dropped_samples / SAMPLE_RATE,
                 "buffered_s": self._timeline.pending_samples / SAMPLE_RATE,
                 "q_audio": float(self._q_audio.qsize()),
@@ -242,16 +285,18 @@ class Session:
         return out
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closed and not self._tasks:
             return
         self._closed = True
         self._slot.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task  # a failed stage's exception was logged (and kept in .error) already
         self._tasks.clear()
+        if self._stage_thread is not None:
+            await self._stage_thread.aclose()
         self._rendered.clear()
         # wake anyone still waiting for output
         for q in (self._video_out, self._audio_out):
@@ -267,6 +312,12 @@ class Session:
 
     def _gen(self) -> int:
         return self.generation
+
+    def _catch_up(self, index: int) -> int | None:
+        """Row ``index`` is too late for its frame: skip through the newest committed frame."""
+        if self.clock.now() <= self._schedule.due_time(index):
+            return None
+        return self._timeline.committed - 1
 
     async def _forward(self) -> None:
         for frame in self._timeline.take_unforwarded():
@@ -378,8 +429,8 @@ class Session:
                 if video is not None:
                     await self._video_out.put(video)
             n += 1
-        for q in (self._video_out, self._audio_out):
+        for q, counter in ((self._video_out, "video_out_dropped"), (self._audio_out, "audio_out_dropped")):
             if realtime:
-                self._put_live(q, None, "video_out_dropped")
+                self._put_live(q, None, counter)
             else:
                 await q.put(None)

@@ -19,6 +19,7 @@ import torch
 
 from engine.motion.base import FeatureStage, MotionFrame, MotionStage
 from engine.render.base import PreparedAvatar, Renderer
+from streaming.batching import WorkerThread
 from streaming.clock import frame_bound
 from streaming.frames import AudioChunk, Control, EndOfStream, Interrupt, MotionOut
 
@@ -197,8 +198,13 @@ class MotionStep:
     is mapped to the first row pushed after the interrupt, and later frames keep that offset.
     """
 
-    def __init__(self, motion: MotionStage) -> None:
+    def __init__(self, motion: MotionStage, catch_up: Callable[[int], int | None] | None = None) -> None:
         self.motion = motion
+        # live catch-up: (session index of a row) -> None while its frame can still be on time, else the index
+        # of the newest row already committed (everything up to it is skipped)
+        self.catch_up = catch_up
+        self._skip_through = -1
+        self.skipped = 0
         self.generation = 0
         self.rows_in = 0  # rows pushed = session index of the next row
         self.offset = 0  # session index - stage index
@@ -221,8 +227,22 @@ class MotionStep:
             self.generation = generation
             self._interrupt()
         if isinstance(frame, FeatureRows):
+            n = len(frame.rows)
+            last = self.rows_in + n - 1
+            if n and self.catch_up is not None and last > self._skip_through:
+                through = self.catch_up(last)
+                if through is not None:
+                    # the stage fell behind the clock (a slow model): skip the whole backlog at once instead of
+                    # computing frames nobody will see, so latency cannot grow; motion restarts at the live edge
+                    self._skip_through = max(through, last)
+                    self.motion.interrupt()
+            if n and last <= self._skip_through:
+                self.rows_in += n
+                self.skipped += n
+                self._rebase_at = self.rows_in  # the stage's next frame is the first row it sees again
+                return []
             frames = self.motion.push(frame.rows)
-            self.rows_in += len(frame.rows)
+            self.rows_in += n
             if stale:
                 # rows of interrupted speech (queued before the interrupt): dropped again by another interrupt,
                 # the stage owns how it returns to idle
@@ -260,16 +280,22 @@ async def run_stage(
     inq: asyncio.Queue[Packet],
     outq: asyncio.Queue[Packet],
     generation: Callable[[], int],
+    thread: WorkerThread | None = None,
 ) -> None:
     """Move frames from ``inq`` through ``step`` into ``outq`` until :class:`EndOfStream` has passed.
 
-    Outputs carry the generation current when they were made: whatever a stage emits after an interrupt
-    already reflects it.
+    With ``thread`` the step runs there, so a slow model (a diffusion window takes long on a CPU) never blocks
+    the event loop. Outputs carry the generation current when they were made: whatever a stage emits after an
+    interrupt already reflects it.
     """
     while True:
         gen, frame = await inq.get()
         current = generation()
-        for out in step(frame, gen != current, current):
+        stale = gen != current
+        outs = step(frame, stale, current) if thread is None else await thread.run(step, frame, stale, current)
+        for out in outs:
             await outq.put((current, out))
         if isinstance(frame, EndOfStream):
             return
+        if thread is None:
+            await asyncio.sleep(0)  # a stage working off a backlog must not starve the stages after it

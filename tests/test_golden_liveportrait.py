@@ -5,6 +5,8 @@ tensors (``tests/data/golden/liveportrait_golden.npz``) to 1e-4."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +73,18 @@ def golden(golden_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, golden_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("lp") / "pretrained_weights"
+def store(tmp_path_factory: pytest.TempPathFactory, golden_dir: Path) -> Iterator[Path]:
+    base = tmp_path_factory.mktemp("lp")
+    root = base / "pretrained_weights"
     manifest = json.loads((golden_dir / "liveportrait_manifest.json").read_text())
     write_official_layout(root, manifest)
-    dst = root.parent / "store"
+    dst = base / "store"
     result = CliRunner().invoke(main, ["weights", "import", "liveportrait", str(root), "--out", str(dst)])
+    shutil.rmtree(root)  # ~0.5 GB of checkpoints; pytest keeps old temp dirs around
     assert result.exit_code == 0, result.output
     assert "imported LivePortrait weights" in result.output
-    return dst
+    yield dst
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,24 @@ def keypoints(b: int, k: int, seed: int) -> tuple[Tensor, Tensor]:
     return kp_driving, kp_source
 
 
-CASES = [(1, 3, (5, 7, 9), 4), (3, 2, (2, 3, 2), 2), (2, 4, (4, 16, 16), 21)]
+def assert_warp_close(
+    out: Tensor, expected_out: Tensor, feature: Tensor, deformation: Tensor, expected_deformation: Tensor
+) -> None:
+    """Warp parity, stage by stage and end to end.
+
+    Deformations must agree to 1e-5 and the sampling at the kernel's own deformation to 1e-5. End to end, a
+    trilinear warp turns a coordinate difference into at most (size / 2 per axis) x (feature range) of output
+    difference, so ulp-level deformation differences (softmax rounding differs between implementations) may show
+    up magnified by exactly that bound on top of the 1e-5.
+    """
+    torch.testing.assert_close(deformation, expected_deformation, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference.grid_sample_3d(feature, deformation), atol=ATOL, rtol=0)
+    lipschitz = sum(s / 2 for s in feature.shape[2:]) * (feature.max() - feature.min()).item()
+    slack = (deformation - expected_deformation).abs().max().item() * lipschitz
+    torch.testing.assert_close(out, expected_out, atol=ATOL + slack, rtol=0)
+
+
+CASES = [(1, 3, (5, 7, 9), 4), (3, 2, (2, 3, 2), 2), (2, 4, (4, 16, 16), 21), (1, 4, (16, 64, 64), 21)]
 
 
 @pytest.mark.parametrize(("b", "c", "size", "k"), CASES)
@@ -130,8 +147,8 @@ def test_host_kernels_fp32_match_twins(host_kernels: ctypes.CDLL, b: int, c: int
 
     out, deformation = host_flow_warp(host_kernels, feature, mask, kp_d, kp_s)
     expected_out, expected_deformation = reference.flow_warp(feature, mask, kp_d, kp_s)
-    torch.testing.assert_close(deformation, expected_deformation, atol=ATOL, rtol=0)
-    torch.testing.assert_close(out, expected_out, atol=ATOL, rtol=0)
+    assert out is not None
+    assert_warp_close(out, expected_out, feature, deformation, expected_deformation)
     none, deformation_only = host_flow_warp(host_kernels, None, mask, kp_d, kp_s)  # mask_deformation's launch
     assert none is None
     torch.testing.assert_close(deformation_only, expected_deformation, atol=ATOL, rtol=0)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from engine.motion.emotion import (
     emotion_soft_label,
     reference_motion,
 )
+from engine.motion.heads import EmotionHead
 from engine.render.base import SourceFace
 
 
@@ -77,7 +79,7 @@ BASE = {"blink": False, "gaze": False, "loudness_lips": False, "ramp_s": 0.0}
 REFERENCE_CLIP = torch.linspace(0, 1, 9)[:, None, None, None].expand(9, 3, 16, 16)
 
 
-def _changed(source: SourceFace, bank: EmotionBank, message: dict, frames: int = 12) -> set[int]:
+def _changed(source: SourceFace, bank: EmotionBank, message: dict[str, Any], frames: int = 12) -> set[int]:
     base = MotionControls(source, bank, state=ControlState().apply(BASE))
     ctl = MotionControls(source, bank, state=ControlState().apply(BASE))
     for c in (base, ctl):
@@ -109,7 +111,7 @@ def _changed(source: SourceFace, bank: EmotionBank, message: dict, frames: int =
     ],
 )
 def test_control_moves_exactly_its_region(
-    source: SourceFace, bank: EmotionBank, message: dict, region: tuple[int, ...]
+    source: SourceFace, bank: EmotionBank, message: dict[str, Any], region: tuple[int, ...]
 ) -> None:
     changed = _changed(source, bank, message, frames=80)
     assert changed, f"{message} changed nothing"
@@ -154,7 +156,7 @@ def test_ramp_has_no_pops(source: SourceFace, bank: EmotionBank) -> None:
         outs.append(ctl.apply(p, f).exp)
         if f == 4:  # a second change mid-ramp continues from where the ramp is
             ctl.update({"emotion": "angry"})
-    steps = torch.stack([(b - a).abs().max() for a, b in zip(outs, outs[1:], strict=False)])
+    steps = torch.stack([(b - a).abs().max() for a, b in itertools.pairwise(outs)])
     total = (outs[-1] - outs[0]).abs().max()
     assert total > 0 and steps.max() <= total / 10 * 1.5 + 1e-6
     assert steps[-5:].max() == 0  # settled after the ramp
@@ -163,7 +165,7 @@ def test_ramp_has_no_pops(source: SourceFace, bank: EmotionBank) -> None:
 def test_invalid_values_keep_last_state(source: SourceFace, bank: EmotionBank) -> None:
     ctl = MotionControls(source, bank)
     ctl.update({"emotion": "happy"})
-    for bad, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"emotion": "bored"}, "unknown emotion"),
         ({"intensity": float("nan")}, "outside"),
         ({"intensity": 2.0}, "outside"),
@@ -172,7 +174,8 @@ def test_invalid_values_keep_last_state(source: SourceFace, bank: EmotionBank) -
         ({"head_pose": "wild"}, "expected one of"),
         ({"colour": "red"}, "unknown control"),
         ({"head_pose": "reference"}, "no reference clip"),
-    ]:
+    ]
+    for bad, match in cases:
         with pytest.raises(ControlValueError, match=match):
             ctl.update(bad)
         assert ctl.state.emotion == "happy" and ctl.state.head_pose == "diffusion"
@@ -197,6 +200,17 @@ def test_emotion_labels() -> None:
     label = ctl.emotion_label()
     assert math.isclose(label[3], 0.75 * lab[4] + 0.25 * lab[0], rel_tol=1e-5)
     assert math.isclose(label[5], 0.25 * lab[4] + 0.75 * lab[0], rel_tol=1e-5)
+
+
+def test_emotion_bank_from_iedp_head() -> None:
+    torch.manual_seed(0)
+    head = EmotionHead(len(EMOTIONS), hidden=16)
+    bank = EmotionBank.from_head(head, lambda name: torch.eye(len(EMOTIONS))[EMOTIONS.index(name)][None, None])
+    outside = [k for k in range(NUM_KP) if k not in EMOTION]
+    assert all(torch.all(bank.get(e)[outside] == 0) for e in EMOTIONS)
+    assert not torch.equal(bank.get("happy"), bank.get("sad"))
+    with pytest.raises(ValueError, match="unknown emotion"):
+        bank.get("bored")
 
 
 def test_blinks_and_gaze_are_seeded(source: SourceFace) -> None:

@@ -28,6 +28,7 @@ def test_math_matches_manual_conv_pool_linear() -> None:
     head = LipHead(4, hidden=6, kernel=3)
     x = torch.randn(2, 7, 4)
     w, b = head.conv.weight, head.conv.bias  # [6, 4, 3], [6]
+    assert b is not None
     padded = torch.nn.functional.pad(x, (0, 0, 1, 1))  # [2, 9, 4]
     h = torch.stack([torch.einsum("btc,oct->bo", padded[:, i : i + 3], w) + b for i in range(7)], 2).relu()
     expected = head.fc(h.mean(2)).view(2, len(LIP), 3)

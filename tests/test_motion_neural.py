@@ -14,7 +14,7 @@ from engine.motion import lmdm
 from engine.motion.base import MotionFrame
 from engine.motion.controls import ControlValueError
 from engine.motion.heads import LipHead
-from engine.motion.neural import NeuralMotionConfig, build_neural_motion
+from engine.motion.neural import NeuralMotionConfig, NeuralMotionStage, build_neural_motion
 from engine.motion.scheduler import SchedulerConfig
 from engine.render.base import SourceFace
 
@@ -51,7 +51,7 @@ def _config() -> NeuralMotionConfig:
     return NeuralMotionConfig(scheduler=SchedulerConfig(steps=4))
 
 
-def _stream(stage, wav: np.ndarray, seed: int) -> list[MotionFrame]:  # type: ignore[no-untyped-def]
+def _stream(stage: NeuralMotionStage, wav: np.ndarray, seed: int) -> list[MotionFrame]:
     rng = np.random.default_rng(seed)
     resampler, mel = StreamingResampler(), LogMelFeatures()
     frames, i = [], 0
@@ -111,7 +111,14 @@ def test_interrupt_continues_frame_clock(den: lmdm.MotionDecoder, source: Source
     assert len(rest) == 7
 
 
-def test_wrong_feature_width_rejected(source: SourceFace) -> None:
-    ditto_dims = lmdm.build("tiny")  # HuBERT conditioning (cond 1103)
+def test_hubert_conditioned_denoiser_with_loudness_column(source: SourceFace) -> None:
+    ditto_dims = lmdm.build("tiny")  # HuBERT conditioning (cond 1103 = 1024 + 79)
     with pytest.raises(ValueError, match="silence"):
         build_neural_motion(ditto_dims, source)
+    # rows as ConcatFeatures(HubertStreaming, LoudnessFeatures) gives them: 1024 HuBERT dims + RMS dB
+    silence = np.concatenate([np.zeros(1024, np.float32), [-100.0]]).astype(np.float32)
+    stage = build_neural_motion(ditto_dims, source, _config(), silence=silence)
+    assert stage.scheduler.audio_dim == 1024 and stage._loud_col == -1
+    rows = np.random.default_rng(0).standard_normal((13, 1025)).astype(np.float32)
+    frames = stage.push(rows) + stage.flush()
+    assert [f.frame_index for f in frames] == list(range(13))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,9 +40,12 @@ class Spy:
     """Wraps a denoiser, recording the condition and cond_frame of every call."""
 
     def __init__(self, inner: lmdm.MotionDecoder) -> None:
-        self.inner, self.config, self.calls = inner, inner.config, []
+        self.inner, self.config = inner, inner.config
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, x, cond_frame, cond, t, drop_cond=False, drop_mask=None):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, x: Any, cond_frame: Any, cond: Any, t: Any, drop_cond: bool = False, drop_mask: Any = None
+    ) -> Any:
         self.calls.append((cond_frame.clone(), cond.clone()))
         return self.inner(x, cond_frame, cond, t, drop_cond=drop_cond, drop_mask=drop_mask)
 
@@ -76,7 +80,9 @@ def test_random_chunking_equals_offline(den: lmdm.MotionDecoder, seed: int) -> N
     s = _sched(den, seed=seed)
     offline = s.offline(feats)
     assert offline.shape == (n, MOTION_DIM)
-    got, indices, i = [], [], 0
+    got: list[torch.Tensor] = []
+    indices: list[int] = []
+    i = 0
     while i < n:
         k = int(rng.integers(0, 9))
         start, vec = s.push_vectors(feats[i : i + k])
@@ -125,7 +131,9 @@ def test_clipping(den: lmdm.MotionDecoder) -> None:
     class Huge:
         config = den.config
 
-        def __call__(self, x, cond_frame, cond, t, drop_cond=False, drop_mask=None):  # type: ignore[no-untyped-def]
+        def __call__(
+            self, x: Any, cond_frame: Any, cond: Any, t: Any, drop_cond: bool = False, drop_mask: Any = None
+        ) -> Any:
             return torch.full_like(x, 1e6)
 
     out = _sched(Huge()).offline(_feats(10))
@@ -152,7 +160,7 @@ def test_interrupt_drops_pending_and_ramps(den: lmdm.MotionDecoder) -> None:
 def test_config_validation(den: lmdm.MotionDecoder) -> None:
     for bad in ({"lookahead": 1}, {"hop": 0}, {"hop": 40, "lookahead": 40}, {"smooth_k": 2}, {"cond_frame": "x"}):
         with pytest.raises(ValueError):
-            SchedulerConfig(**bad)  # type: ignore[arg-type]
+            SchedulerConfig(**bad)
     with pytest.raises(ValueError, match="windows"):
         _sched(den, window=60)
 

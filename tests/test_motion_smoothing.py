@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -38,7 +40,7 @@ def _jitter(x: np.ndarray) -> float:
     ids=["one_euro", "kalman"],
 )
 @pytest.mark.parametrize("lag", [1, 2, 4])
-def test_jitter_reduced_and_lag_bounded(make, lag: int) -> None:  # type: ignore[no-untyped-def]
+def test_jitter_reduced_and_lag_bounded(make: Any, lag: int) -> None:
     f = make(lag)
     clean, noisy = _noisy()
     out = np.stack([f(row) for row in noisy])
@@ -68,7 +70,12 @@ def test_first_sample_passes_through_and_reset() -> None:
 
 def test_params_smoother_roundtrip() -> None:
     p = MotionParams(
-        torch.ones(1, 1), torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0]), torch.ones(1, 3), torch.ones(1, NUM_KP, 3)
+        torch.ones(1, 1),
+        torch.tensor([1.0]),
+        torch.tensor([2.0]),
+        torch.tensor([3.0]),
+        torch.ones(1, 3),
+        torch.ones(1, NUM_KP, 3),
     )
     v = params_to_vector(p)
     assert v.shape == (70,)

@@ -20,7 +20,7 @@ from test_server_double import burst_signal
 from engine.cli import main
 from streaming.server.app import CLASSIC_BANNER
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 ENGINE = [sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main(prog_name='engine'))"]
 MODE = os.environ.get("AVATAR_TEST_SERVE_MODE", "classic")
 
@@ -30,6 +30,7 @@ def test_serve_needs_a_transport() -> None:
     assert result.exit_code == 2 and "--webrtc" in result.output
 
 
+@pytest.mark.slow
 async def test_serve_and_client_end_to_end(tmp_path: Path, engine_home: Path) -> None:
     wav = tmp_path / "voice.wav"
     with wave.open(str(wav), "wb") as out:
@@ -77,3 +78,36 @@ async def test_serve_and_client_end_to_end(tmp_path: Path, engine_home: Path) ->
                 server.kill()
                 await server.wait()
     assert server.returncode == 0, "SIGTERM shuts the server down cleanly"
+
+
+@pytest.mark.slow
+async def test_real_runtime_over_webrtc() -> None:
+    """The default avatar through the real runtime, received by an aiortc peer: fps and A/V offset on arrival."""
+    from aiohttp.test_utils import TestServer
+
+    from streaming.client import ArrayAudioTrack, AvatarClient
+    from streaming.server import ServerConfig, create_app
+    from streaming.server.app import SERVER_KEY
+    from streaming.server.engine_factory import open_engine_factory
+
+    factory = await open_engine_factory(mode=MODE)
+    app = create_app(factory, ServerConfig())
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        client = AvatarClient(str(server.make_url("")).rstrip("/"), ArrayAudioTrack(burst_signal(12.0), 48_000))
+        info = await client.connect()
+        assert info["mode"] == MODE
+        await asyncio.sleep(10.0)
+        ack = await client.control(emotion="happy", intensity=0.8)
+        bad = await client.control(emotion="bored")
+        peer = next(iter(app[SERVER_KEY].peers.values()))
+        snapshot = peer.snapshot()
+        report = client.finish_report()
+        await client.close()
+        print(f"\n{MODE} in process: {report.to_json()}\nserver: {json.dumps(snapshot)}")
+        assert ack["type"] == "ack" and bad["type"] == "error"
+        assert report.video_frames > 0 and report.audio_seconds > 5.0
+        assert snapshot["mic_frames"] > 0
+    finally:
+        await server.close()

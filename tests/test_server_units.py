@@ -146,3 +146,23 @@ def test_metrics_text_is_prometheus_exposition() -> None:
     assert 'avatar_session_render_ms_frame{session="a\\"b"} 12.5' in lines
     samples = [line for line in lines if not line.startswith("#")]
     assert all(len(line.rsplit(" ", 1)) == 2 for line in samples)
+
+
+async def test_watchdog_forgives_its_own_event_loop_stalls() -> None:
+    from streaming.server.config import ServerConfig
+    from streaming.server.peer import Peer
+
+    closed: list[str] = []
+    session = FakeSession("w")
+    peer = Peer(session, ServerConfig(liveness_timeout_s=2.0), lambda p: closed.append(p.name))
+    peer.connected_at = time.monotonic()
+    peer.touch()
+    peer._spawn(peer._watchdog(), "watchdog")
+    await asyncio.sleep(0.3)
+    time.sleep(2.5)  # the loop is blocked: the client's packets cannot be read, that is not its fault
+    await asyncio.sleep(0.6)
+    assert not closed and not peer.closing
+    await asyncio.sleep(2.0)  # now real silence from the client
+    assert closed == ["w"] and peer.closing and "no activity" in (peer.closed_reason or "")
+    await peer.close()
+    assert session.closed

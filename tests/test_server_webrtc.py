@@ -222,11 +222,14 @@ async def test_websocket_ingest(served: Served) -> None:
     await wait_for(lambda: client.report.video_frames > 0, 10.0)
     session = served.factory.sessions[0]
     async with aiohttp.ClientSession() as http:
-        for url, status in ((f"/ws?session={session.id}", 401), ("/ws?session=nope&token=sesame", 404)):
+        for url, status in (
+            (f"/ws?session={client.session_id}", 401),
+            (f"/ws?session={session.id}&token=sesame", 404),  # the session's name is not its address
+        ):
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                 await http.ws_connect(served.url + url)
             assert err.value.status == status
-        async with http.ws_connect(f"{served.url}/ws?session={session.id}", headers=client.headers()) as ws:
+        async with http.ws_connect(f"{served.url}/ws?session={client.session_id}", headers=client.headers()) as ws:
             tone = (0.3 * np.sin(np.arange(16_000) * 2 * np.pi * 220 / 16_000) * 32767).astype("<i2")
             await ws.send_bytes(tone.tobytes())
             await ws.send_bytes(b"\x01\x02\x03")

@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import math
 import threading
+import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from streaming_doubles import MouthMotion, PatternRenderer, RmsFeatures, tiny_av
 
 from engine.config import ConfigError, from_dict
 from engine.keypoints import MotionParams
+from engine.render.base import PreparedAvatar
 from streaming.api import ControlError, LiveSession
 from streaming.batching import BatchConfig, BatchRenderer, to_rgb_uint8
 from streaming.clock import MonotonicClock, SimClock, frame_bound, frame_count
@@ -42,7 +45,7 @@ def open_session(worker: BatchRenderer, renderer: PatternRenderer, clock=None, *
         renderer=renderer,
         prepared=prepared,
         worker=worker,
-        config=SessionConfig(**cfg),
+        config=SessionConfig(**{"offload": False, **cfg}),
         clock=clock,
     )
 
@@ -340,7 +343,7 @@ async def test_idle_interrupt_and_resume() -> None:
     checked = 0
     for f in resumed[motion.ease + 1 :]:
         rms = float(np.sqrt(np.mean(by_start[frame_bound(f.frame_index, FPS)].astype(np.float64) ** 2)))
-        expected = reference_rgb(renderer, prepared, np.float32(rms) * motion.gain)
+        expected = reference_rgb(renderer, prepared, float(np.float32(rms) * motion.gain))
         np.testing.assert_array_equal(f.rgb, expected)
         checked += 1
     assert checked > 5
@@ -429,11 +432,12 @@ async def test_close_leaves_no_task_or_thread() -> None:
     before_threads = set(threading.enumerate())
     renderer = PatternRenderer()
     worker = BatchRenderer(renderer, MonotonicClock(), BatchConfig())
-    session = open_session(worker, renderer)
+    session = open_session(worker, renderer, offload=True)
     session.push_audio(speech(0.3), SR)
     frame = await asyncio.wait_for(session.next_video(), timeout=10)
     assert frame is not None and frame.rgb.shape == (8, 8, 3)
-    assert any(t.name.startswith("render-worker") for t in threading.enumerate())
+    names = [t.name for t in threading.enumerate()]
+    assert "render-worker" in names and f"{session.id}-stages" in names
     await session.close()
     await session.close()  # idempotent
     assert await session.next_video() is None
@@ -488,3 +492,107 @@ def test_to_rgb_uint8() -> None:
     out = to_rgb_uint8(x)
     assert out.shape == (2, 4, 4, 3) and out.dtype == np.uint8
     assert out[0].max() == 0 and out[1].min() == 255
+
+
+class SlowMotion(MouthMotion):
+    """Every ``hop`` rows the stage computes a window that takes ``cost_s`` of wall time (a diffusion model on a
+    slow CPU, in the session's stage thread): slower than real time on average."""
+
+    def __init__(self, cost_s: float, hop: int = 5) -> None:
+        super().__init__(lookahead_frames=hop)
+        self.cost_s, self.hop = cost_s, hop
+
+    def push(self, features: np.ndarray) -> list:
+        before = self._pushed // self.hop
+        out = super().push(features)
+        for _ in range(self._pushed // self.hop - before):
+            time.sleep(self.cost_s)
+        return out
+
+
+async def test_slow_motion_skips_rows_and_keeps_latency_bounded() -> None:
+    # real clock and the real stage thread: a motion stage slower than real time must not block the loop nor let
+    # a backlog (latency) build up; it skips to the live edge instead
+    clock = MonotonicClock()
+    renderer = PatternRenderer()
+    worker = BatchRenderer(renderer, clock, BatchConfig())
+    motion = SlowMotion(cost_s=0.25)  # 0.25 s per 5 frames (0.2 s of audio)
+    session = Session(
+        features=RmsFeatures(FPS),
+        motion=motion,
+        renderer=renderer,
+        prepared=renderer.prepare(tiny_avatar()),
+        worker=worker,
+        # the render budget covers one window's compute, so frames can be on time while the stage keeps up
+        config=SessionConfig(offload=True, compute_frames=10),
+        clock=clock,
+    )
+    session.push_audio(speech(4.0), SR)
+    frames: list[VideoFrame] = []
+
+    async def collect() -> None:
+        while (f := await session.next_video()) is not None:
+            frames.append(f)
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(4.0)
+    m = session.metrics()
+    assert m["motion_rows_skipped"] > 0  # the stage was behind: rows skipped instead of queued
+    assert m["q_features"] + m["q_audio"] < 20  # no backlog builds up in front of it (4 s = 100 frames)
+    # frames keep coming after a skip (motion restarts at the live edge), and latency does not grow
+    idx = [f.frame_index for f in frames]
+    gaps = [b for a, b in itertools.pairwise(idx) if b - a > 2]
+    assert gaps and idx[-1] > gaps[0]
+    lat = session.metrics_.all_latencies()
+    assert max(lat) <= session.latency_s + 0.3  # scheduling noise of a loaded machine, not growth
+    session.end_of_stream()
+    await task
+    await session.close()
+    await worker.aclose()
+
+
+class BrokenRenderer(PatternRenderer):
+    def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("GPU fell off the bus")
+
+
+async def test_failures_end_the_session_instead_of_stalling_it() -> None:
+    # a renderer that raises ends the sessions of its batch (outputs end, .error says why); the worker lives on
+    renderer = BrokenRenderer()
+    worker = BatchRenderer(renderer, MonotonicClock(), BatchConfig(threaded=False))
+    session = open_session(worker, renderer, realtime=False)
+    session.push_audio(speech(0.5), SR)
+    session.end_of_stream()
+    video, _ = await asyncio.wait_for(drain(session), timeout=10)
+    assert video == [] and isinstance(session.error, RuntimeError) and "bus" in str(session.error)
+    await session.close()
+    # a stage that raises does the same
+    good = PatternRenderer()
+    worker2 = BatchRenderer(good, MonotonicClock(), BatchConfig(threaded=False))
+    other = open_session(worker2, good, realtime=False)
+
+    def broken_push(pcm: np.ndarray) -> np.ndarray:
+        raise ValueError("features contain NaN")
+
+    other._features.features.push = broken_push  # type: ignore[method-assign]
+    other.push_audio(speech(0.2), SR)
+    other.end_of_stream()
+    video, _ = await asyncio.wait_for(drain(other), timeout=10)
+    assert video == [] and other.error is not None
+    await other.close()
+    await worker.aclose()
+    await worker2.aclose()
+
+
+async def test_end_is_sticky() -> None:
+    renderer = PatternRenderer()
+    worker = BatchRenderer(renderer, MonotonicClock(), BatchConfig(threaded=False))
+    session = open_session(worker, renderer, realtime=False)
+    session.push_audio(speech(0.1), SR)
+    session.end_of_stream()
+    video, audio = await drain(session)
+    assert len(video) == len(audio) == 3
+    assert await asyncio.wait_for(session.next_video(), 1) is None
+    assert await asyncio.wait_for(session.next_audio(), 1) is None
+    await session.close()
+    await worker.aclose()

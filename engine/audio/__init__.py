@@ -9,15 +9,18 @@ from engine.audio.features import (
     log_mel_offline,
     mel_filterbank,
 )
+from engine.audio.hubert import HubertStreaming, hubert_offline
 from engine.audio.pcm import StreamingResampler, to_mono_16k
 
 __all__ = [
     "ConcatFeatures",
+    "HubertStreaming",
     "LogMelConfig",
     "LogMelFeatures",
     "LoudnessFeatures",
     "StreamingResampler",
     "frame_loudness_db",
+    "hubert_offline",
     "log_mel_offline",
     "mel_filterbank",
     "to_mono_16k",

@@ -59,6 +59,4 @@ class Backend(ABC):
         """A runner for ``graph``; ``batch`` is the batch it will mostly see (static-shape backends build for it)."""
 
     def _to_device(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return tuple(
-            t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in inputs
-        )
+        return tuple(t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in inputs)

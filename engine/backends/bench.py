@@ -9,6 +9,7 @@ resident set after the module ran (monotonic over the run, so it bounds rather t
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -26,7 +27,16 @@ from engine.models import liveportrait
 from engine.motion import lmdm
 from export.graphs import RENDERER_GRAPHS, Graph, build_heads, denoiser_graph, head_graphs, renderer_graphs
 
-DEFAULT_MODULES: tuple[str, ...] = ("appearance", "motion", "warping", "decoder", "warping_decoder", "stitching", "lmdm")
+DEFAULT_MODULES: tuple[str, ...] = (
+    "appearance",
+    "motion",
+    "warping",
+    "decoder",
+    "warping_decoder",
+    "stitching",
+    "lmdm",
+    "lip_head",
+)
 LMDM_PRESET = {"tiny": "tiny", "liveportrait": "ditto"}
 
 
@@ -121,29 +131,16 @@ def time_runner(run: Any, inputs: tuple[torch.Tensor, ...], device: torch.device
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     device = torch.device(config.device)
+    load_before = _load_average()
     graphs = bench_graphs(config.preset, config.modules)
     results: dict[str, Any] = {}
-    for name in config.backends:
-        backend = get_backend(name, device)  # raises with the list of usable backends
-        per_module: dict[str, Any] = {}
-        for module, graph in graphs.items():
-            inputs = tuple(t.to(device) for t in graph.example_inputs(config.batch))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            try:
-                runner = backend.load(graph, batch=config.batch)
-                runner(*inputs)  # first call: compilation / session warm-up, reported separately
-            except BackendError as exc:
-                per_module[module] = {"error": str(exc)}
-                continue
-            load_s = time.perf_counter() - start
-            stats = time_runner(runner, inputs, device, config.warmup, config.iters)
-            stats.update(load_s=load_s, peak_memory_mb=_peak_memory_mb(device))
-            per_module[module] = stats
-        frame = per_module.get("warping_decoder", {})
-        fps = config.batch * 1000 / frame["median_ms"] if "median_ms" in frame else None
-        results[name] = {"modules": per_module, "frames_per_s": fps}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        for name in config.backends:
+            results[name] = _bench_backend(name, graphs, config, device)
+    finally:
+        torch.set_num_threads(previous_threads)
     return {
         "benchmark": "backends",
         "device": device_name(config.device),
@@ -152,8 +149,41 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "config": asdict(config),
         "versions": _versions(),
         "untrained_weights": True,
+        # the CPU machines these run on are shared: a high load average means noisy timings
+        "load_average_1min": {"before": load_before, "after": _load_average()},
         "results": results,
     }
+
+
+def _bench_backend(name: str, graphs: dict[str, Graph], config: BenchConfig, device: torch.device) -> dict[str, Any]:
+    options: dict[str, Any] = {"threads": config.threads} if name == "onnxruntime" else {}
+    backend = get_backend(name, device, **options)  # raises with the list of usable backends
+    per_module: dict[str, Any] = {}
+    for module, graph in graphs.items():
+        inputs = tuple(t.to(device) for t in graph.example_inputs(config.batch))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        try:
+            runner = backend.load(graph, batch=config.batch)
+            runner(*inputs)  # first call: compilation / session warm-up, reported separately
+        except BackendError as exc:
+            per_module[module] = {"error": str(exc)}
+            continue
+        load_s = time.perf_counter() - start
+        stats = time_runner(runner, inputs, device, config.warmup, config.iters)
+        stats.update(load_s=load_s, peak_memory_mb=_peak_memory_mb(device))
+        per_module[module] = stats
+    frame = per_module.get("warping_decoder", {})
+    fps = config.batch * 1000 / frame["median_ms"] if "median_ms" in frame else None
+    return {"modules": per_module, "frames_per_s": fps}
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _versions() -> dict[str, str]:

@@ -56,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
             return f"device type {device.type!r} is not supported (cpu or cuda)"
         return None
 
-    def _model_bytes(self, graph: Graph) -> bytes:
+    def _model_bytes(self, graph: Graph, batch: int) -> bytes:
         from export import onnx_export
 
         dtype = "fp16" if self.dtype == torch.float16 else "fp32"
@@ -67,6 +67,12 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendError(f"{self.onnx_dir}: the export has no {graph.name!r} module")
             if index["flavour"] != "standard":
                 raise BackendError(f"{self.onnx_dir}: {index['flavour']} exports need TensorRT; export 'standard'")
+            if index["dtype"] != dtype:
+                raise BackendError(f"{self.onnx_dir} holds {index['dtype']} files; the backend runs {dtype}")
+            if index["batch"] not in (onnx_export.BATCH, batch):
+                raise BackendError(
+                    f"{self.onnx_dir} was exported for batch {index['batch']}, not {batch}; export with --batch dynamic"
+                )
             if record["weights_sha256"] != onnx_export.weights_sha256(graph.module):
                 raise BackendError(
                     f"{self.onnx_dir}/{record['file']} was exported from other weights than the loaded {graph.name}"
@@ -84,7 +90,7 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(self._model_bytes(graph), options, providers=_providers(self.device))
+            session = ort.InferenceSession(self._model_bytes(graph, batch), options, providers=_providers(self.device))
         except BackendError:
             raise
         except Exception as exc:
@@ -95,7 +101,10 @@ class OnnxRuntimeBackend(Backend):
         device = self.device
 
         def run(*inputs: Tensor) -> tuple[Tensor, ...]:
-            arrays = {name: t.detach().cpu().numpy().astype(np_type, copy=False) for (name, np_type), t in zip(feeds, inputs, strict=True)}
+            arrays: dict[str, np.ndarray] = {
+                name: t.detach().cpu().numpy().astype(np_type, copy=False)
+                for (name, np_type), t in zip(feeds, inputs, strict=True)
+            }
             outs = session.run(None, arrays)
             return tuple(torch.from_numpy(np.asarray(o)).to(device) for o in outs)
 

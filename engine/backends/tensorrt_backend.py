@@ -17,6 +17,7 @@ from torch import Tensor
 from engine.backends.base import Backend, BackendError, Runner
 from engine.paths import engine_home
 from export.graphs import Graph
+from export.tensorrt import Precision
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -57,8 +58,9 @@ class TensorRTBackend(Backend):
             return "no CUDA device visible to PyTorch"
         return None
 
-    def _precision(self) -> str:
-        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+    def _precision(self) -> Precision:
+        table: dict[torch.dtype, Precision] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        return table[self.dtype]
 
     def _engine_file(self, graph: Graph, batch: int) -> Path:
         from export import onnx_export, tensorrt
@@ -66,12 +68,10 @@ class TensorRTBackend(Backend):
         if self.engine_dir is None:
             cache = engine_home() / "tensorrt"
             with tempfile.TemporaryDirectory(prefix="avatar-trt-") as tmp:
-                onnx_export.export_graphs(
-                    {graph.name: graph}, Path(tmp), flavour="tensorrt", batch=None, verify=False
-                )
+                onnx_export.export_graphs({graph.name: graph}, Path(tmp), flavour="tensorrt", batch=None, verify=False)
                 config = tensorrt.BuildConfig(
                     self._precision(), opt_batch=min(batch, self.max_batch), max_batch=max(batch, self.max_batch)
-                )  # type: ignore[arg-type]
+                )
                 manifest = tensorrt.build_engines(Path(tmp), cache, config, plugin_library=self.plugin_library)
             return cache / manifest["engines"][graph.name]["file"]
         manifest_path = self.engine_dir / tensorrt.MANIFEST_NAME
@@ -91,9 +91,9 @@ class TensorRTBackend(Backend):
         trt = tensorrt.import_tensorrt()
         path = self._engine_file(graph, batch)
         trt_logger = trt.Logger(trt.Logger.WARNING)
-        trt.init_libnvinfer_plugins(trt_logger, "")
-        trt.get_plugin_registry().load_library(str(tensorrt.find_plugin_library(self.plugin_library)))
-        engine = trt.Runtime(trt_logger).deserialize_cuda_engine(path.read_bytes())
+        tensorrt.load_plugins(str(tensorrt.find_plugin_library(self.plugin_library).resolve()))
+        runtime = trt.Runtime(trt_logger)
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise BackendError(f"{path}: TensorRT could not deserialize the engine (other GPU or TensorRT version?)")
         context = engine.create_execution_context()
@@ -101,22 +101,28 @@ class TensorRTBackend(Backend):
         is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         input_names = [s.name for s in graph.inputs]
         outputs = [n for n in names if not is_input[n]]
+        if sorted(n for n in names if is_input[n]) != sorted(input_names):
+            raise BackendError(f"{path}: engine inputs {[n for n in names if is_input[n]]} differ from {input_names}")
         types = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         device = self.device
 
+        # the Python bindings do not keep the runtime and engine alive for the context: the closure does
+        alive = (runtime, engine, context)
+
         def run(*inputs: Tensor) -> tuple[Tensor, ...]:
-            keep = []
+            _, _, ctx = alive
+            staged = []  # converted inputs must outlive the enqueue below
             for name, t in zip(input_names, inputs, strict=True):
                 t = t.to(device, types[name]).contiguous()
-                keep.append(t)
-                context.set_input_shape(name, tuple(t.shape))
-                context.set_tensor_address(name, t.data_ptr())
+                staged.append(t)
+                ctx.set_input_shape(name, tuple(t.shape))
+                ctx.set_tensor_address(name, t.data_ptr())
             results = []
             for name in outputs:
-                out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=types[name], device=device)
-                context.set_tensor_address(name, out.data_ptr())
+                out = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=types[name], device=device)
+                ctx.set_tensor_address(name, out.data_ptr())
                 results.append(out)
-            if not context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
+            if not ctx.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
                 raise BackendError(f"TensorRT execution of {graph.name} failed")
             return tuple(results)
 

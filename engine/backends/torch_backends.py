@@ -1,5 +1,9 @@
 """PyTorch backends: ``eager`` (the modules as they are) and ``compile`` (``torch.compile``; on CUDA the
-``reduce-overhead`` mode, which records CUDA graphs)."""
+``reduce-overhead`` mode, which records CUDA graphs).
+
+In fp32 both run the graph's own modules, moved to the backend's device (not copied: full-size networks are
+~100M parameters); another dtype works on a cast copy and leaves the shared networks untouched.
+"""
 
 from __future__ import annotations
 

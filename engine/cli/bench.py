@@ -23,16 +23,35 @@ def backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--backend",
             "backend_names",
             multiple=True,
-            help=f"Backend(s) to time, repeatable (default: eager and onnxruntime). One of {list(BACKEND_NAMES)}.",
+            help=f"Backend(s) to time, repeatable (default: eager and onnxruntime on CPU, every usable one on "
+            f"CUDA). One of {list(BACKEND_NAMES)}.",
         ),
         click.option("--preset", default="tiny", show_default=True, help="Renderer preset (random weights)."),
         click.option("--batch", default=1, show_default=True, type=click.IntRange(1)),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option("--iters", default=20, show_default=True, type=click.IntRange(1)),
         click.option("--warmup", default=3, show_default=True, type=click.IntRange(0)),
-        click.option("--module", "modules", multiple=True, help="Modules to time (default: the renderer + lmdm)."),
-        click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None),
-        click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None),
+        click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: torch's)."),
+        click.option(
+            "--module",
+            "modules",
+            multiple=True,
+            help="Module(s) to time, repeatable (default: the renderer's, lmdm and lip_head).",
+        ),
+        click.option(
+            "--out",
+            "out",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="JSON path (default: benchmarks/results/backends_<cpu|cuda>.json).",
+        ),
+        click.option(
+            "--plot",
+            "plot",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="PNG path (default: the JSON path with .png).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -46,22 +65,29 @@ def run_backends_bench(
     device: str,
     iters: int,
     warmup: int,
+    threads: int | None,
     modules: tuple[str, ...],
     out: Path | None,
     plot: Path | None,
 ) -> dict[str, Any]:
-    from engine.backends import BackendError
+    import torch
+
+    from engine.backends import BackendError, available_backends
     from engine.backends.bench import DEFAULT_MODULES, BenchConfig, run_bench, write_report
 
+    if not backend_names:
+        usable = tuple(n for n, reason in available_backends(device).items() if reason is None)
+        backend_names = ("eager", "onnxruntime") if device == "cpu" else usable
     try:
         config = BenchConfig(
-            backends=backend_names or ("eager", "onnxruntime"),
+            backends=backend_names,
             preset=preset,
             batch=batch,
             device=device,
             warmup=warmup,
             iters=iters,
             modules=modules or DEFAULT_MODULES,
+            threads=threads or torch.get_num_threads(),
         )
         report = run_bench(config)
     except (BackendError, ValueError) as exc:

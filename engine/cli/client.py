@@ -32,7 +32,8 @@ def _device(value: str | None) -> str | int | None:
     "--audio-delay-ms",
     type=click.FloatRange(0, 2000),
     default=None,
-    help="Hold the played audio back by this much (default: one frame with --virtual-camera, else 0).",
+    help="Hold the played audio back by this much (default: what the virtual camera adds beyond the 80 ms "
+    "aiortc already holds audio, usually 0).",
 )
 @click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="Seconds to run (default: WAV + 1 s).")
 @click.option(

@@ -25,12 +25,18 @@ def export() -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Ditto store for the motion denoiser; without it: untrained weights of the preset's denoiser.",
 )
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--preset", default=None, help="Renderer preset (default: the store's, else 'tiny').")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch", default="1", show_default=True, help="Batch size baked into the files, or 'dynamic'.")
 @click.option("--flavour", type=click.Choice(["standard", "tensorrt"]), default="standard", show_default=True)
-@click.option("--module", "modules", multiple=True, help="Export only these modules (repeatable).")
+@click.option(
+    "--module",
+    "modules",
+    multiple=True,
+    help="Export only these modules (repeatable): appearance, motion, warping, decoder, warping_decoder, "
+    "stitching, eye, lip, lmdm, lip_head, emotion_head, pose_head.",
+)
 def export_onnx(
     weights: Path | None,
     ditto: Path | None,
@@ -65,10 +71,15 @@ def export_onnx(
 
 @export.command("tensorrt")
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory.")
 @click.option("--fp16", "precision", flag_value="fp16", help="Reduced-precision engine (grid sampling stays fp32).")
 @click.option("--bf16", "precision", flag_value="bf16", help="bfloat16 engine (grid sampling stays fp32).")
-@click.option("--plugins", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--plugins",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="libavatar_engine_trt_plugins.so (default: $AVATAR_ENGINE_TRT_PLUGINS, else build/).",
+)
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--module", "modules", multiple=True, help="Build only these modules (repeatable).")
 def export_tensorrt(

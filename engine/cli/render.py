@@ -64,6 +64,8 @@ def render(
 ) -> None:
     """Render a talking video from an audio file, as fast as the machine allows."""
     from engine.config import ConfigError
+    from engine.weights.checkpoint import CheckpointError
+    from streaming.runtime import RuntimeBuildError
     from streaming.video_io import MediaError, check_writable, read_audio
 
     if avatar_name is not None and image is not None:
@@ -77,10 +79,12 @@ def render(
         check_writable(out)  # before any work: a bad --out must not cost a render
         audio = read_audio(audio_path)
         result = asyncio.run(_render(audio, out, avatar_name, image, controls, mode, weights, preset, fps, no_progress))
-    except (MediaError, ConfigError, FileNotFoundError) as exc:
+    except (MediaError, ConfigError, CheckpointError, FileNotFoundError, RuntimeBuildError) as exc:
         raise click.ClickException(str(exc)) from exc
     except ValueError as exc:  # bad image, unknown avatar, invalid control
         raise click.ClickException(str(exc)) from exc
+    except RuntimeError as exc:  # a stage or the renderer failed mid-way (nothing was written)
+        raise click.ClickException(f"rendering failed: {exc}") from exc
     if result.untrained:
         click.secho(f"WARNING: {UNTRAINED_MESSAGE}", fg="red", err=True)
     click.echo(f"wrote {result.out}: {result.frames} frames at {result.fps} fps, {result.duration_s:.2f} s")

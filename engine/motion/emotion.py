@@ -115,4 +115,3 @@ def reference_motion(frames: Tensor, motion_net: Callable[[Tensor], Any], batch:
         1,
     )  # [T, 7]
     return ReferenceMotion(params=params, emotion_offset=exp.mean(0) - neutral, pose=pose - pose[:1])
-

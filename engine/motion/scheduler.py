@@ -351,9 +351,7 @@ class WindowScheduler:
         if vectors.shape[0] == 0:
             return []
         params = self.to_params(vectors)
-        return [
-            MotionFrame(start + i, MotionParams(*(p[i : i + 1] for p in params))) for i in range(vectors.shape[0])
-        ]
+        return [MotionFrame(start + i, MotionParams(*(p[i : i + 1] for p in params))) for i in range(vectors.shape[0])]
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -70,7 +71,9 @@ def _latency_ms(session_metrics: dict[str, float], fallback_ms: float) -> float:
 class Peer:
     def __init__(self, session: LiveSession, config: ServerConfig, on_closed: Callable[[Peer], None]) -> None:
         self.session = session
-        self.id = session.id
+        # the id in URLs (WHIP resource, websocket) must not be guessable: session ids are sequential names
+        self.id = secrets.token_urlsafe(16)
+        self.name = session.id
         self.config = config
         self.pc = RTCPeerConnection()
         self.clock = SessionClock()
@@ -125,7 +128,7 @@ class Peer:
 
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
-        logger.info("session %s: connection %s", self.id, state)
+        logger.info("session %s: connection %s", self.name, state)
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             self.touch()
@@ -144,7 +147,7 @@ class Peer:
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != CONTROL_CHANNEL:
-            logger.info("session %s: ignoring data channel %r", self.id, channel.label)
+            logger.info("session %s: ignoring data channel %r", self.name, channel.label)
             return
         self._channel = channel
 
@@ -161,21 +164,28 @@ class Peer:
     # --- background tasks -------------------------------------------------------------------------------
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=f"peer-{self.id}-{name}")
+        task = asyncio.create_task(coro, name=f"peer-{self.name}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+            logger.error("session %s: task %s failed", self.name, task.get_name(), exc_info=task.exception())
 
     async def _watchdog(self) -> None:
         """Free the session when the client is gone: ICE never completes, or nothing arrives from it."""
         mic_frames = 0
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(WATCHDOG_PERIOD_S)
             now = time.monotonic()
+            stalled = now - tick - WATCHDOG_PERIOD_S
+            tick = now
+            if stalled > WATCHDOG_PERIOD_S:
+                # the event loop itself was blocked: packets could not be read meanwhile, so the silence
+                # is ours, not the client's
+                self._last_activity += stalled
             if self.connected_at is None:
                 if now - self.created > self.config.connect_timeout_s:
                     self.request_close("connection not established in time")
@@ -215,11 +225,11 @@ class Peer:
         try:
             session_metrics = {k: float(v) for k, v in self.session.metrics().items()}
         except Exception:
-            logger.exception("session %s: metrics() failed", self.id)
+            logger.exception("session %s: metrics() failed", self.name)
             session_metrics = {}
         send_latency_ms = self.stats.send_latency_s * 1000.0
         return {
-            "session": self.id,
+            "session": self.name,
             "connection": self.pc.connectionState,
             "fps": round(self.stats.fps(), 2),
             "latency_ms": round(_latency_ms(session_metrics, send_latency_ms), 1),
@@ -243,8 +253,8 @@ class Peer:
     def request_close(self, reason: str) -> None:
         if self._close_task is None:
             self.closed_reason = reason
-            logger.info("session %s: closing (%s)", self.id, reason)
-            self._close_task = asyncio.create_task(self._close(), name=f"peer-{self.id}-close")
+            logger.info("session %s: closing (%s)", self.name, reason)
+            self._close_task = asyncio.create_task(self._close(), name=f"peer-{self.name}-close")
 
     async def close(self, reason: str = "closed by the server") -> None:
         self.request_close(reason)
@@ -268,10 +278,10 @@ class Peer:
         try:
             await self.session.close()
         except Exception:
-            logger.exception("session %s: close failed", self.id)
+            logger.exception("session %s: close failed", self.name)
         # never cut pc.close() short: it stops the receivers' decoder threads, which would otherwise keep the
         # process alive at exit
         try:
             await self.pc.close()
         except Exception:
-            logger.warning("session %s: peer connection did not close cleanly", self.id, exc_info=True)
+            logger.warning("session %s: peer connection did not close cleanly", self.name, exc_info=True)

@@ -42,7 +42,7 @@ async def websocket_ingest(request: web.Request, peers: Mapping[str, Peer]) -> w
                 peer.touch()
                 await ws.send_str(json.dumps(handle_control_text(peer.session, msg.data)))
             elif msg.type == WSMsgType.ERROR:
-                logger.info("session %s: websocket error %s", peer.id, ws.exception())
+                logger.info("session %s: websocket error %s", peer.name, ws.exception())
                 break
     finally:
         peer.sockets.discard(ws)

@@ -1,0 +1,80 @@
+"""The runtime: mode resolution, strict config, sessions on the real neural path (tiny preset), clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import ConfigError, from_dict
+from engine.weights.checkpoint import RECORD_NAME
+from streaming.api import ControlError
+from streaming.clock import frame_count
+from streaming.runtime import Runtime, RuntimeConfig, resolve_mode
+from streaming.session import SessionConfig
+
+
+def test_auto_mode_is_classic_without_weights_and_neural_with_them(engine_home: Path, tmp_path: Path) -> None:
+    assert resolve_mode(RuntimeConfig()) == "classic"
+    store = tmp_path / "lp"
+    store.mkdir()
+    (store / RECORD_NAME).write_text("{}")
+    assert resolve_mode(RuntimeConfig(weights=str(store))) == "neural"
+    assert resolve_mode(RuntimeConfig(mode="classic", weights=str(store))) == "classic"
+
+
+def test_runtime_config_is_strict() -> None:
+    cfg = from_dict(RuntimeConfig, {"mode": "neural", "session": {"fps": 25, "jitter_s": 0.06}, "batch": {}})
+    assert cfg.session.jitter_s == 0.06 and cfg.mode == "neural"
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(RuntimeConfig, {"mode": "neural", "sesion": {}})
+    with pytest.raises(ConfigError, match="mode"):
+        from_dict(RuntimeConfig, {"mode": "fast"})
+
+
+def test_neural_weights_dir_without_store_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no imported LivePortrait weights"):
+        Runtime.create(RuntimeConfig(mode="neural", weights=str(tmp_path)))
+
+
+async def test_neural_tiny_session_end_to_end() -> None:
+    before = set(threading.enumerate())
+    config = RuntimeConfig(mode="neural", session=SessionConfig(realtime=False))
+    runtime = Runtime.create(config)
+    assert runtime.untrained and "UNTRAINED" in runtime.untrained_message
+    assert runtime.describe()["mode"] == "neural"
+    with pytest.raises(ControlError, match="emotion"):
+        await runtime.open_session(None, controls={"emotion": "bored"})
+    assert runtime.sessions == {}
+    session = await runtime.open_session(None, controls={"emotion": "happy"})
+    assert session.untrained and session.size == runtime.renderer.size
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(4800)).astype(np.float32)  # 0.3 s at 16 kHz
+    session.push_audio(audio, 16_000)
+    session.end_of_stream()
+
+    async def audio_out() -> int:
+        n = 0
+        while (a := await session.next_audio()) is not None:
+            n += a.samples.size
+        return n
+
+    reader = asyncio.create_task(audio_out())
+    frames = []
+    while (f := await session.next_video()) is not None:
+        frames.append(f)
+    assert await reader == audio.size
+    assert [f.frame_index for f in frames] == list(range(frame_count(audio.size, 25)))
+    assert frames[0].rgb.shape == (runtime.renderer.size, runtime.renderer.size, 3)
+    assert len({f.rgb.tobytes() for f in frames}) > 1  # the motion path drives the renderer
+    # a second session on the same worker, then everything goes away with the runtime
+    await runtime.open_session(None, config=replace(config.session, realtime=True))
+    assert len(runtime.sessions) == 2
+    await runtime.aclose()
+    current = asyncio.current_task()
+    assert [t for t in asyncio.all_tasks() if t is not current] == []
+    assert set(threading.enumerate()) <= before
