@@ -2,8 +2,8 @@
 memory, for one or more backends on one preset; JSON with device, commit and config, plus a PNG plot.
 
 Frames/s is ``batch / median(warping_decoder)``: the per-frame path is warp + decode (appearance and motion run
-once per avatar). Peak memory is the CUDA allocator's peak per module on GPUs; on CPU it is the process's peak
-resident set after the module ran (monotonic over the run, so it bounds rather than isolates each module).
+once per avatar). Peak memory is the CUDA allocator's peak over a module's load and first call on GPUs; on CPU it
+is the process's peak resident set after them (monotonic over the run: it bounds rather than isolates a module).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.backends import BackendError, get_backend
+from engine.backends import Backend, BackendError, Runner, get_backend
 from engine.models import liveportrait
 from engine.motion import lmdm
 from export.graphs import RENDERER_GRAPHS, Graph, build_heads, denoiser_graph, head_graphs, renderer_graphs
@@ -38,6 +38,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "lip_head",
 )
 LMDM_PRESET = {"tiny": "tiny", "liveportrait": "ditto"}
+BLOCK = 10  # consecutive timed calls of one backend
 
 
 @dataclass(frozen=True)
@@ -107,40 +108,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runner(run: Any, inputs: tuple[torch.Tensor, ...], device: torch.device, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        run(*inputs)
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run(*inputs)
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    ms = np.asarray(times)
+def _stats(times_ms: list[float], warmup: int) -> dict[str, Any]:
+    ms = np.asarray(times_ms)
     return {
         "median_ms": float(np.median(ms)),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": float(ms.mean()),
         "min_ms": float(ms.min()),
-        "iters": iters,
+        "iters": len(times_ms),
         "warmup": warmup,
     }
 
 
+def _timed(run: Runner, inputs: tuple[torch.Tensor, ...], device: torch.device) -> float:
+    start = time.perf_counter()
+    run(*inputs)
+    _sync(device)
+    return (time.perf_counter() - start) * 1000
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Times every module on every backend, alternating between the backends in short blocks (see
+    :func:`_bench_module`) so the comparison survives a changing machine load."""
     device = torch.device(config.device)
     load_before = _load_average()
     graphs = bench_graphs(config.preset, config.modules)
-    results: dict[str, Any] = {}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
+        backends = {}
         for name in config.backends:
-            results[name] = _bench_backend(name, graphs, config, device)
+            options: dict[str, Any] = {"threads": config.threads} if name == "onnxruntime" else {}
+            backends[name] = get_backend(name, device, **options)  # raises with the list of usable backends
+        per_module = {name: {} for name in backends}  # type: dict[str, dict[str, Any]]
+        for module, graph in graphs.items():
+            for name, stats in _bench_module(backends, graph, config, device).items():
+                per_module[name][module] = stats
     finally:
         torch.set_num_threads(previous_threads)
+    results = {}
+    for name, modules in per_module.items():
+        frame = modules.get("warping_decoder", {})
+        fps = config.batch * 1000 / frame["median_ms"] if "median_ms" in frame else None
+        results[name] = {"modules": modules, "frames_per_s": fps}
     return {
         "benchmark": "backends",
         "device": device_name(config.device),
@@ -155,28 +166,39 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _bench_backend(name: str, graphs: dict[str, Graph], config: BenchConfig, device: torch.device) -> dict[str, Any]:
-    options: dict[str, Any] = {"threads": config.threads} if name == "onnxruntime" else {}
-    backend = get_backend(name, device, **options)  # raises with the list of usable backends
-    per_module: dict[str, Any] = {}
-    for module, graph in graphs.items():
-        inputs = tuple(t.to(device) for t in graph.example_inputs(config.batch))
+def _bench_module(
+    backends: dict[str, Backend], graph: Graph, config: BenchConfig, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    inputs = tuple(t.to(device) for t in graph.example_inputs(config.batch))
+    out: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Runner] = {}
+    for name, backend in backends.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         try:
-            runner = backend.load(graph, batch=config.batch)
-            runner(*inputs)  # first call: compilation / session warm-up, reported separately
+            runners[name] = backend.load(graph, batch=config.batch)
+            runners[name](*inputs)  # first call: compilation / session warm-up, reported separately
         except BackendError as exc:
-            per_module[module] = {"error": str(exc)}
+            out[name] = {"error": str(exc)}
             continue
-        load_s = time.perf_counter() - start
-        stats = time_runner(runner, inputs, device, config.warmup, config.iters)
-        stats.update(load_s=load_s, peak_memory_mb=_peak_memory_mb(device))
-        per_module[module] = stats
-    frame = per_module.get("warping_decoder", {})
-    fps = config.batch * 1000 / frame["median_ms"] if "median_ms" in frame else None
-    return {"modules": per_module, "frames_per_s": fps}
+        _sync(device)
+        out[name] = {"load_s": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device)}
+    for run in runners.values():
+        for _ in range(config.warmup):
+            run(*inputs)
+    # blocks of BLOCK timed calls per backend in turn, each after one untimed call: a load change during the run
+    # hits every backend alike, and no backend is timed on thread pools the other one just put to sleep
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    while any(len(t) < config.iters for t in times.values()):
+        for name, run in runners.items():
+            run(*inputs)
+            _sync(device)
+            for _ in range(min(BLOCK, config.iters - len(times[name]))):
+                times[name].append(_timed(run, inputs, device))
+    for name in runners:
+        out[name].update(_stats(times[name], config.warmup))
+    return out
 
 
 def _load_average() -> float | None:

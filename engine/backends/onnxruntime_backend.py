@@ -89,6 +89,9 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # idle pool threads would otherwise spin for a while after each run, taking cores from the other stages
+        # (audio, motion, encoding) that share the CPU in a live session
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(self._model_bytes(graph, batch), options, providers=_providers(self.device))
         except BackendError:
