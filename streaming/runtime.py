@@ -255,17 +255,57 @@ def _build_neural(config: RuntimeConfig) -> tuple[Renderer, StageFactory, bool]:
 
 def _build_classic(config: RuntimeConfig) -> tuple[Renderer, StageFactory, bool]:
     try:
-        from engine.motion.classic import ClassicFeatures, ClassicMotion
-        from engine.render.classic import ClassicRenderer
+        from engine.motion.classic import ClassicFeatures, ClassicMotion, ClassicMotionConfig
+        from engine.render.classic import ClassicRenderer, face_size
     except ImportError as exc:  # the classic path lives in its own modules; say which one is missing
         raise RuntimeBuildError(f"classic mode is unavailable: {exc}") from exc
 
     renderer = ClassicRenderer()
+    fps = config.session.fps
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
-        return ClassicFeatures(), ClassicMotion(prepared.source)
+        motion = ClassicMotion(ClassicMotionConfig(fps=fps), face_size=face_size(prepared.source))
+        return ClassicFeatures(fps), ClassicControlled(motion)
 
     return renderer, stages, False
+
+
+class ClassicControlled:
+    """Classic motion with the session's control messages: ``emotion`` and ``intensity`` (the classic path has
+    no other controls; other keys are errors, not silently ignored)."""
+
+    KEYS = ("emotion", "intensity")
+
+    def __init__(self, motion: Any) -> None:
+        from engine.motion.classic import EMOTIONS
+
+        self.motion = motion
+        self.emotions = tuple(EMOTIONS)
+        self.lookahead_frames = motion.lookahead_frames
+        self.state: dict[str, Any] = {"emotion": "neutral", "intensity": 1.0}
+
+    def push(self, features: Any) -> Any:
+        return self.motion.push(features)
+
+    def flush(self) -> Any:
+        return self.motion.flush()
+
+    def interrupt(self) -> None:
+        self.motion.interrupt()
+
+    def update_controls(self, message: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(message) - set(self.KEYS))
+        if unknown:
+            raise ValueError(f"unknown control(s) {unknown}; classic mode supports {list(self.KEYS)}")
+        new = {**self.state, **message}
+        emotion, intensity = new["emotion"], new["intensity"]
+        if not isinstance(emotion, str) or emotion.lower() not in self.emotions:
+            raise ValueError(f"emotion: unknown emotion {emotion!r}; choose one of {list(self.emotions)}")
+        if isinstance(intensity, bool) or not isinstance(intensity, int | float) or not 0.0 <= intensity <= 1.5:
+            raise ValueError(f"intensity: expected a number in [0, 1.5], got {intensity!r}")  # (NaN fails too)
+        self.motion.set_emotion(emotion.lower(), float(intensity))
+        self.state = {"emotion": emotion.lower(), "intensity": float(intensity)}
+        return dict(self.state)
 
 
 def with_session(config: RuntimeConfig, **changes: Any) -> RuntimeConfig:

@@ -159,7 +159,10 @@ class Session:
             fail=self._fail,
         )
         self.error: BaseException | None = None  # why the session stopped early (a stage raised)
-        self._tasks = [
+        self._tasks = self._start_tasks()
+
+    def _start_tasks(self) -> list[asyncio.Task[None]]:
+        tasks = [
             asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{name}")
             for name, coro in (
                 ("source", self._source()),
@@ -176,8 +179,9 @@ class Session:
                 ("output", self._output()),
             )
         ]
-        for task in self._tasks:
+        for task in tasks:
             task.add_done_callback(self._task_done)
+        return tasks
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A stage that raises ends the session (outputs return None) instead of silently stalling it."""
@@ -388,44 +392,18 @@ class Session:
         tl = self._timeline
         realtime = self.config.realtime
         n = 0
-        while True:
-            if tl.exhausted and n >= tl.committed:
-                break
-            if realtime:
-                await self.clock.sleep_until(self._schedule.due_time(n))
-                while tl.committed <= n and not tl.exhausted:
-                    tl.commit_live()  # the feature side is blocked: the output still keeps time
-                if n >= tl.committed:
-                    continue
-            else:
-                while n >= tl.committed or not self._frame_done_offline(n):
-                    if tl.exhausted and n >= tl.committed:
-                        break
-                    self._render_event.clear()
-                    await self._render_event.wait()
-                if n >= tl.committed:
-                    continue
+        while not (tl.exhausted and n >= tl.committed):
+            ready = await (self._wait_due(n) if realtime else self._wait_rendered(n))
+            if not ready:
+                continue  # the stream ended before frame n
             self._next_out = n + 1
-            now = self.clock.now()
-            audio = tl.release(n)
-            out_audio = OutputAudio(audio.samples, frame_bound(n, self.fps))
-            rendered = self._rendered.pop(n, None)
-            video = None
-            if rendered is not None and rendered.generation == self.generation:
-                video = VideoFrame(n, self.fps, rendered.rgb, rendered.created)
-                live_at = self._schedule.live_time(n) if realtime else -math.inf
-                arrival = max(x for x in (audio.arrival, live_at) if x is not None)
-                self.metrics_.frame_out(now, now - arrival if math.isfinite(arrival) else None)
-            elif n < self._interrupt_horizon:
-                self.metrics_.frames_interrupted += 1
-            else:
-                self.metrics_.frames_dropped += 1
+            audio, video = self._release(n)
             if realtime:
-                self._put_live(self._audio_out, out_audio, "audio_out_dropped")
+                self._put_live(self._audio_out, audio, "audio_out_dropped")
                 if video is not None:
                     self._put_live(self._video_out, video, "video_out_dropped")
             else:
-                await self._audio_out.put(out_audio)
+                await self._audio_out.put(audio)
                 if video is not None:
                     await self._video_out.put(video)
             n += 1
@@ -434,3 +412,36 @@ class Session:
                 self._put_live(q, None, counter)
             else:
                 await q.put(None)
+
+    async def _wait_due(self, n: int) -> bool:
+        tl = self._timeline
+        await self.clock.sleep_until(self._schedule.due_time(n))
+        while tl.committed <= n and not tl.exhausted:
+            tl.commit_live()  # the feature side is blocked: the output still keeps time
+        return n < tl.committed
+
+    async def _wait_rendered(self, n: int) -> bool:
+        tl = self._timeline
+        while n >= tl.committed or not self._frame_done_offline(n):
+            if tl.exhausted and n >= tl.committed:
+                return False
+            self._render_event.clear()
+            await self._render_event.wait()
+        return True
+
+    def _release(self, n: int) -> tuple[OutputAudio, VideoFrame | None]:
+        """Frame ``n``'s audio and (when it was rendered in time) its video; counts latency or the loss."""
+        now = self.clock.now()
+        committed = self._timeline.release(n)
+        audio = OutputAudio(committed.samples, frame_bound(n, self.fps))
+        rendered = self._rendered.pop(n, None)
+        if rendered is not None and rendered.generation == self.generation:
+            live_at = self._schedule.live_time(n) if self.config.realtime else -math.inf
+            arrival = max(x for x in (committed.arrival, live_at) if x is not None)
+            self.metrics_.frame_out(now, now - arrival if math.isfinite(arrival) else None)
+            return audio, VideoFrame(n, self.fps, rendered.rgb, rendered.created)
+        if n < self._interrupt_horizon:
+            self.metrics_.frames_interrupted += 1
+        else:
+            self.metrics_.frames_dropped += 1
+        return audio, None

@@ -60,7 +60,8 @@ def run(args: list[str]) -> Result:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """What is in ``directory`` (the test's isolated engine home, which holds the default avatar, aside)."""
+    return sorted(p.name for p in directory.iterdir() if p.name != "engine-home")
 
 
 @pytest.mark.parametrize("seconds", [0.5])
@@ -79,6 +80,25 @@ def test_render_default_avatar_neural_tiny(tmp_path: Path, seconds: float) -> No
     assert info["video_s"] == pytest.approx(seconds, abs=0.041)
     assert info["audio_s"] == pytest.approx(seconds, abs=0.07)  # AAC frames are 64 ms
     assert leftovers(out.parent) == ["talk.mp4"]  # no temporary file left
+
+
+def test_render_default_mode_is_classic(tmp_path: Path) -> None:
+    # no imported weights: the default (auto) mode is the weight-free classic path, with the default avatar
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 1.1)
+    out = tmp_path / "talk.mp4"
+    result = run(["--audio", str(wav), "--out", str(out), "--emotion", "happy", "--intensity", "0.8"])
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" not in result.output
+    info = probe(out)
+    assert info["frames"] == math.ceil(1.1 * 25) and info["width"] == 512
+    assert info["video_s"] == pytest.approx(1.1, abs=0.041)
+    assert info["audio_s"] == pytest.approx(1.1, abs=0.07)
+    # a bad control is a clear error and leaves nothing behind
+    bad = tmp_path / "bad.mp4"
+    result = run(["--audio", str(wav), "--out", str(bad), "--emotion", "furious"])
+    assert result.exit_code != 0 and "furious" in result.output
+    assert not bad.exists() and leftovers(tmp_path) == ["talk.mp4", "voice.wav"]
 
 
 def test_render_from_image(tmp_path: Path) -> None:

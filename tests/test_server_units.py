@@ -18,7 +18,7 @@ from streaming.server.tracks import SessionAudioTrack, SessionClock, SessionVide
 
 
 async def test_clock_paces_to_pts() -> None:
-    clock = SessionClock()
+    clock = SessionClock(margin_s=0.0)
     assert await clock.wait_until(1.0) == 0.0  # the first pts anchors the clock
     start = time.monotonic()
     lateness = await clock.wait_until(1.1)
@@ -44,7 +44,7 @@ async def test_audio_track_places_chunks_on_the_clock_and_fills_gaps() -> None:
     session.queue.put_nowait(OutputAudio(ramp, start=160))
     session.queue.put_nowait(OutputAudio(np.full(320, 0.25, np.float32), start=960))
     stats = TrackStats()
-    clock = SessionClock()
+    clock = SessionClock(margin_s=0.0)
     await clock.wait_until(0.0)  # video anchored the clock at frame 0
     track = SessionAudioTrack(session, clock, stats)
     frames = [await track.recv() for _ in range(5)]
@@ -102,7 +102,7 @@ async def test_video_track_follows_a_session_that_falls_behind() -> None:
 
 async def test_audio_waits_for_the_video_anchor() -> None:
     session = FakeSession("a")
-    clock = SessionClock()
+    clock = SessionClock(margin_s=0.0)
     track = SessionAudioTrack(session, clock, TrackStats())
     first = asyncio.ensure_future(track.recv())
     await asyncio.sleep(0.2)
@@ -166,3 +166,41 @@ async def test_watchdog_forgives_its_own_event_loop_stalls() -> None:
     assert closed == ["w"] and peer.closing and "no activity" in (peer.closed_reason or "")
     await peer.close()
     assert session.closed
+
+
+class LockstepSession(FakeSession):
+    """Like the real session: a frame and its 40 ms of audio are released together, in real time."""
+
+    def __init__(self) -> None:
+        super().__init__("lockstep", fps=25, size=16)
+        self.audio_q: asyncio.Queue[OutputAudio] = asyncio.Queue()
+
+    async def next_video(self):  # type: ignore[no-untyped-def]
+        frame = await super().next_video()
+        n = frame.frame_index
+        self.audio_q.put_nowait(OutputAudio(np.full(640, 0.1, np.float32), start=n * 640))
+        return frame
+
+    async def next_audio(self) -> OutputAudio | None:
+        return await self.audio_q.get()
+
+
+async def test_audio_released_with_its_frame_is_never_late() -> None:
+    session = LockstepSession()
+    clock = SessionClock()
+    stats = TrackStats()
+    video = SessionVideoTrack(session, clock, stats, max_lag_s=0.5)
+    audio = SessionAudioTrack(session, clock, stats)
+
+    async def pull_video() -> None:
+        for _ in range(25):
+            await video.recv()
+
+    async def pull_audio() -> list[np.ndarray]:
+        return [(await audio.recv()).to_ndarray()[0] for _ in range(48)]
+
+    _, blocks = await asyncio.gather(pull_video(), pull_audio())
+    audio.stop()
+    assert stats.audio_late_samples == 0
+    pcm = np.concatenate(blocks) / 32767
+    np.testing.assert_allclose(pcm, 0.1, atol=1e-3)  # no slot went out as silence

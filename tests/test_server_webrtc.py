@@ -274,3 +274,23 @@ async def test_h264_only_client_and_codec_mismatch() -> None:
         assert not served.peers
     finally:
         await server.close()
+
+
+async def test_session_that_cannot_open_is_a_500_and_frees_the_slot() -> None:
+    class Broken(FakeFactory):
+        async def open_session(self):  # type: ignore[no-untyped-def]
+            raise AttributeError("engine bug")
+
+    server, served = await serve(ServerConfig(max_sessions=1), Broken())
+    try:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):  # the second is not a 503: the failed attempt gave its slot back
+                async with http.post(f"{served.url}/offer", json=offer) as resp:
+                    assert resp.status == 500 and "could not open a session" in await resp.text()
+        await pc.close()
+    finally:
+        await server.close()

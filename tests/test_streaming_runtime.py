@@ -15,7 +15,7 @@ from engine.weights.checkpoint import RECORD_NAME
 from streaming.api import ControlError
 from streaming.clock import frame_count
 from streaming.runtime import Runtime, RuntimeConfig, resolve_mode
-from streaming.session import SessionConfig
+from streaming.session import Session, SessionConfig
 
 
 def test_auto_mode_is_classic_without_weights_and_neural_with_them(engine_home: Path, tmp_path: Path) -> None:
@@ -78,3 +78,48 @@ async def test_neural_tiny_session_end_to_end() -> None:
     current = asyncio.current_task()
     assert [t for t in asyncio.all_tasks() if t is not current] == []
     assert set(threading.enumerate()) <= before
+
+
+async def classic_frames(audios: list[np.ndarray], max_batch: int) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Each session's frames, and the batch sizes the worker rendered."""
+    from streaming.batching import BatchConfig
+
+    config = RuntimeConfig(mode="classic", session=SessionConfig(realtime=False), batch=BatchConfig(max_batch))
+    runtime = Runtime.create(config)
+    sessions = [await runtime.open_session(None, controls={"emotion": "happy"}) for _ in audios]
+    for s, a in zip(sessions, audios, strict=True):
+        s.push_audio(a, 16_000)
+        s.end_of_stream()
+
+    async def drain(s: Session) -> list[np.ndarray]:
+        async def audio() -> None:
+            while await s.next_audio() is not None:
+                pass
+
+        reader = asyncio.create_task(audio())
+        out = []
+        while (f := await s.next_video()) is not None:
+            out.append(f.rgb)
+        await reader
+        return out
+
+    frames = list(await asyncio.gather(*(drain(s) for s in sessions)))
+    batches = list(runtime.worker.batch_sizes)
+    await runtime.aclose()
+    return frames, batches
+
+
+async def test_classic_default_mode_sessions_batched_equal_alone() -> None:
+    # the real classic renderer: four sessions sharing render calls give the frames each gives alone
+    rng = np.random.default_rng(3)
+    t = np.arange(8000) / 16_000
+    audios = [(0.3 * np.sin(2 * np.pi * (120 + 40 * i) * t) * rng.uniform(0.2, 1)).astype(np.float32) for i in range(4)]
+    audios = [a * (np.arange(a.size) % 4000 < 2000 + 400 * i) for i, a in enumerate(audios)]
+    together, batches = await classic_frames(audios, max_batch=4)
+    assert max(batches) > 1
+    for i, a in enumerate(audios):
+        alone, _ = await classic_frames([a], max_batch=4)
+        assert len(alone[0]) == len(together[i]) == frame_count(a.size, 25)
+        for x, y in zip(alone[0], together[i], strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert len({f.tobytes() for f in together[0]}) > 3  # the mouth moves with the audio

@@ -64,11 +64,11 @@ def default_landmarks() -> np.ndarray:
     for i, (x, y) in enumerate(left_brow):
         pts[17 + i] = (x, y)
         pts[26 - i] = (2 * cx - x, y)
-    for i, y in enumerate((226.0, 246.0, 266.0, 286.0)):
-        pts[27 + i] = (cx, y)
+    for i, bridge_y in enumerate((226.0, 246.0, 266.0, 286.0)):
+        pts[27 + i] = (cx, bridge_y)
     for i, (dx, y) in enumerate(((-22, 302), (-11, 307), (0, 309), (11, 307), (22, 302))):
         pts[31 + i] = (cx + dx, y)
-    left_eye = [(171, 236), (184, 227), (200, 225), (215, 234), (200, 241), (184, 241)]
+    left_eye = [(168, 236), (182, 224), (200, 222), (216, 234), (200, 244), (183, 243)]
     for i, (x, y) in enumerate(left_eye):
         pts[36 + i] = (x, y)
     # right eye mirrored: iBUG starts it at the inner corner (42) and goes over the top to the outer one (45)
@@ -96,12 +96,7 @@ def _smooth_closed(points: np.ndarray, samples: int = 24) -> np.ndarray:
         p0, p1, p2, p3 = points[i - 1], points[i], points[(i + 1) % n], points[(i + 2) % n]
         out.append(
             0.5
-            * (
-                2 * p1
-                + (-p0 + p2) * t
-                + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-                + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3
-            )
+            * (2 * p1 + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3)
         )
     return np.concatenate(out, axis=0)
 
@@ -116,12 +111,7 @@ def _smooth_open(points: np.ndarray, samples: int = 16) -> np.ndarray:
         p0, p1, p2, p3 = padded[i - 1], padded[i], padded[i + 1], padded[i + 2]
         out.append(
             0.5
-            * (
-                2 * p1
-                + (-p0 + p2) * t
-                + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-                + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3
-            )
+            * (2 * p1 + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3)
         )
     out.append(points[-1:])
     return np.concatenate(out, axis=0)
@@ -230,15 +220,25 @@ class _Painter:
     def torso_and_neck(self) -> None:
         cx = 255.5
         shoulders = np.array(
-            [(cx - 260, 530), (cx - 240, 455), (cx - 160, 418), (cx - 60, 405), (cx + 60, 405), (cx + 160, 418)]
-            + [(cx + 240, 455), (cx + 260, 530)]
+            [
+                (cx - 260, 530),
+                (cx - 240, 455),
+                (cx - 160, 418),
+                (cx - 60, 405),
+                (cx + 60, 405),
+                (cx + 160, 418),
+                (cx + 240, 455),
+                (cx + 260, 530),
+            ]
         )
         m = self.mask(_smooth_open(shoulders, 12), blur=1.0)
         m = np.maximum(m, (self.y > 470).astype(np.float32) * (np.abs(self.x - cx) < 250))
         shirt = self.mask(_smooth_open(shoulders, 12))
         self.layer(m, (0.16, 0.42, 0.46))
         self.shade(shirt * np.clip((self.y - 405) / 110, 0, 1), 0.75)
-        neck = np.array([(cx - 52, 330), (cx + 52, 330), (cx + 58, 425), (cx + 30, 445), (cx - 30, 445), (cx - 58, 425)])
+        neck = np.array(
+            [(cx - 52, 330), (cx + 52, 330), (cx + 58, 425), (cx + 30, 445), (cx - 30, 445), (cx - 58, 425)]
+        )
         nm = self.mask(_smooth_closed(neck, 8), blur=1.0)
         self.layer(nm, (0.86, 0.64, 0.52))
         # collar (V neckline) over the neck base
@@ -260,7 +260,7 @@ class _Painter:
         cx = 255.5
         jaw = lm[:17]
         forehead = np.array([(cx + 112, 195), (cx + 90, 135), (cx + 40, 112), (cx - 40, 112), (cx - 90, 135)])
-        outline = np.concatenate([jaw, forehead[::-1][::-1]], axis=0)
+        outline = np.concatenate([jaw, forehead], axis=0)
         m = self.mask(_smooth_closed(outline, 12), blur=1.0)
         self.face_mask = m
         skin = np.array([0.94, 0.73, 0.60], dtype=np.float32)
@@ -304,7 +304,7 @@ class _Painter:
         self.shade(m * self.ellipse_mask(cx - 35, 100, 80, 22, blur=18, angle=-8), 1.45)
         # a few strands for texture (deterministic)
         rng = np.random.default_rng(7)
-        for _ in range(22):
+        for _ in range(12):
             x0 = cx + rng.uniform(-120, 110)
             y0 = 85 + rng.uniform(0, 30)
             bend = rng.uniform(-25, 25)
@@ -333,14 +333,14 @@ class _Painter:
         cy = (lm[top[0], 1] + lm[bottom[0], 1]) / 2
         self.layer(m, (0.96, 0.94, 0.92))
         self.shade(m * self.ellipse_mask(cx, cy - 6, 26, 8, blur=4), 0.85)  # lid shadow on the sclera
-        iris = self.ellipse_mask(cx, cy + 0.5, 9.5, 9.5, blur=0.4) * m
-        yy = (self.y - (cy - 9)) / 19.0
+        iris = self.ellipse_mask(cx, cy + 0.5, 11.0, 11.0, blur=0.4) * m
+        yy = (self.y - (cy - 11)) / 22.0
         iris_col = np.stack(
             [0.30 - 0.10 * yy, 0.48 - 0.12 * yy, 0.40 - 0.12 * yy], axis=-1
         )  # hazel-green, lighter at the bottom
         self.layer(iris, np.clip(iris_col, 0, 1))
-        self.shade(iris * (1 - self.ellipse_mask(cx, cy + 0.5, 8.0, 8.0, blur=0.8)), 0.6)  # limbal ring
-        self.layer(self.ellipse_mask(cx, cy + 0.5, 4.0, 4.0, blur=0.4) * m, (0.05, 0.04, 0.04))
+        self.shade(iris * (1 - self.ellipse_mask(cx, cy + 0.5, 9.5, 9.5, blur=0.8)), 0.6)  # limbal ring
+        self.layer(self.ellipse_mask(cx, cy + 0.5, 4.6, 4.6, blur=0.4) * m, (0.05, 0.04, 0.04))
         self.layer(self.ellipse_mask(cx - 3.0, cy - 3.0, 2.0, 2.0, blur=0.4) * m, (1.0, 1.0, 1.0))
         upper = _smooth_open(np.array([lm[outer], lm[top[0]], lm[top[1]], lm[inner]]), 10)
         self.layer(self.polyline_mask(upper, 2.6, blur=0.5), (0.12, 0.07, 0.06))  # lash line
@@ -362,7 +362,6 @@ class _Painter:
 
     def lips(self) -> None:
         lm = self.lm
-        upper_outline = np.concatenate([lm[48:55], lm[64:59:-1][::-1][::-1]], axis=0)
         upper_outline = np.array([*lm[48:55], lm[64], lm[63], lm[62], lm[61], lm[60]])
         lower_outline = np.array([lm[48], lm[60], lm[67], lm[66], lm[65], lm[64], *lm[54:60]])
         up = self.mask(_smooth_closed(upper_outline, 8), blur=0.6)

@@ -95,7 +95,13 @@ class AvatarServer:
         self._reserved += 1
         peer: Peer | None = None
         try:
-            session = await self.factory.open_session()
+            try:
+                session = await self.factory.open_session()
+            except Exception as exc:
+                logger.exception("cannot open a session")
+                raise web.HTTPInternalServerError(
+                    text="the engine could not open a session (see the server log)"
+                ) from exc
             peer = Peer(session, self.config, self._forget)
             self.peers[peer.id] = peer
             answer = await peer.answer(offer_sdp)

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 VIDEO_CLOCK_RATE = 90_000  # RTP video clock
 AUDIO_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms at 16 kHz; aiortc's Opus encoder resamples to 48 kHz / 960
+# The session releases a frame and its audio together; the clock starts this much after the first frame came
+# so that each 20 ms audio slot is sent after (not racing) the chunk that fills it.
+ANCHOR_MARGIN_S = 0.03
 AUDIO_ANCHOR_WAIT_S = 2.0  # audio waits this long for the first video frame before starting the clock alone
 MAX_AUDIO_BUFFER_S = 30.0  # output audio held ahead of the clock; beyond it the oldest is dropped
 SESSION_WAIT_S = 0.005  # next_video() took longer than this: the frame was not ready, the session is the slow one
@@ -39,8 +42,10 @@ class SessionClock:
     for the anchor (or anchors it itself when no video comes), so it never runs ahead of the picture.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, margin_s: float = ANCHOR_MARGIN_S) -> None:
         self._t0: float | None = None
+        self._margin_s = margin_s
+        self.first_pts = 0.0  # pts of the frame that anchored the clock
         self.anchored = asyncio.Event()
         self.resyncs = 0
 
@@ -64,7 +69,8 @@ class SessionClock:
         """Sleep until ``pts`` is due; returns how late it is (seconds, >= 0 when late)."""
         now = time.monotonic()
         if self._t0 is None:
-            self._t0 = now - pts
+            self._t0 = now - pts + self._margin_s
+            self.first_pts = pts
             self.anchored.set()
         delay = self._t0 + pts - now
         if delay > 0:
@@ -165,8 +171,8 @@ class SessionAudioTrack(MediaStreamTrack):
             self._pump = asyncio.create_task(self._pull(), name="audio-pump")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._clock.anchored.wait(), AUDIO_ANCHOR_WAIT_S)
-            # start at the slot the clock is at (the first video frame need not be frame 0)
-            self._pos = int(self._clock.now_pts() * SAMPLE_RATE) // AUDIO_FRAME_SAMPLES * AUDIO_FRAME_SAMPLES
+            # start where the picture starts (the first video frame need not be frame 0)
+            self._pos = int(self._clock.first_pts * SAMPLE_RATE) // AUDIO_FRAME_SAMPLES * AUDIO_FRAME_SAMPLES
         if self._ended and not self._chunks:
             self.stop()
             raise MediaStreamError
