@@ -21,7 +21,7 @@ class Offset(NamedTuple):
     jitter_ms: float  # spread (std) of the per-burst onset delays
 
 
-def test_signal(seconds: float = 6.0, seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+def sync_signal(seconds: float = 6.0, seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Seeded tone / noise bursts (0.2-0.5 s) separated by silences (0.25-0.6 s) -> ``(audio, bursts [(t0, t1)])``."""
     rng = np.random.default_rng(seed)
     audio = np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)

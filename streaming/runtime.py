@@ -19,16 +19,22 @@ How a transport (server, CLI, client) opens a session::
 Mode ``auto`` (the default) is neural when LivePortrait weights are imported, else classic (weight-free). Neural
 mode without imported weights runs the ``preset`` networks on deterministic random weights: ``untrained`` is
 True and the output is noise, which is what tests and benchmarks need and nothing else.
+
+``backend`` (neural mode) names the :mod:`engine.backends` backend the renderer's networks and the motion denoiser
+run on: ``eager`` (the default: the PyTorch modules, called directly), ``compile``, ``onnxruntime`` or
+``tensorrt``. Classic mode runs no networks, so it accepts only ``eager`` and refuses another backend with an error
+rather than silently ignoring it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +47,10 @@ from engine.weights.checkpoint import RECORD_NAME
 from streaming.batching import BatchConfig, BatchRenderer
 from streaming.clock import Clock, MonotonicClock
 from streaming.session import Session, SessionConfig
+
+if TYPE_CHECKING:
+    from engine.backends import Backend
+    from engine.motion.samplers.guidance import MaskedDenoiser
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +73,22 @@ class RuntimeConfig:
     motion_preset: str = "tiny"  # LMDM preset when no Ditto weights are imported (neural)
     session: SessionConfig = field(default_factory=SessionConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    backend: str = "eager"  # engine.backends name for the neural networks (renderer and denoiser)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        check_backend_name(self.backend)
+
+
+def check_backend_name(name: str) -> None:
+    """``ValueError`` naming the backends usable on this machine when ``name`` is not a backend at all (whether the
+    backend can run on the runtime's device is checked when the runtime is built)."""
+    from engine.backends import BACKEND_NAMES, available_backends
+
+    if name not in BACKEND_NAMES:
+        usable = [n for n, reason in available_backends("cpu").items() if reason is None]
+        raise ValueError(f"backend: unknown backend {name!r}; available here: {usable} (all: {list(BACKEND_NAMES)})")
 
 
 def weights_imported(weights: str | Path | None) -> bool:
@@ -114,6 +136,12 @@ class Runtime:
         mode = resolve_mode(config)
         if mode == "neural":
             renderer, stages, motion_untrained = _build_neural(config)
+        elif config.backend != "eager":
+            why = " (mode auto found no imported LivePortrait weights)" if config.mode == "auto" else ""
+            raise RuntimeBuildError(
+                f"backend {config.backend!r} runs the neural networks, but the runtime is in classic mode{why}, "
+                "which runs none: use mode neural, or backend eager"
+            )
         else:
             renderer, stages, motion_untrained = _build_classic(config)
         if renderer.untrained or motion_untrained:
@@ -128,6 +156,7 @@ class Runtime:
             "untrained": self.untrained,
             "sessions": len(self.sessions),
             "max_batch": self.config.batch.max_batch,
+            "backend": self.config.backend,
         }
 
     # --- avatars ---
@@ -218,7 +247,10 @@ def _build_neural(config: RuntimeConfig) -> tuple[Renderer, StageFactory, bool]:
             f"{weights} holds no imported LivePortrait weights (no {RECORD_NAME}); "
             "import yours with 'engine weights import liveportrait SRC --out DIR'"
         )
-    renderer = NeuralRenderer(load_or_build(weights, config.preset))
+    nets = load_or_build(weights, config.preset)
+    backend = _backend(config.backend, next(nets.appearance.parameters()).device)
+    with _backend_errors(f"renderer on backend {config.backend!r}: "):
+        renderer = NeuralRenderer(nets, backend=backend)
     ditto = Path(config.motion_weights) if config.motion_weights is not None else default_ditto_dir()
     hubert_path: Path | None = None
     if (ditto / RECORD_NAME).is_file():
@@ -238,6 +270,13 @@ def _build_neural(config: RuntimeConfig) -> tuple[Renderer, StageFactory, bool]:
         denoiser = lmdm.build(config.motion_preset, cond_dim=lmdm.logmel_cond_dim())
     denoiser.eval()
     motion_untrained = bool(getattr(denoiser, "untrained", False))
+    den: MaskedDenoiser = denoiser
+    if backend is not None:
+        from engine.backends import DenoiserRuntime
+
+        with _backend_errors(f"denoiser on backend {config.backend!r}: "):
+            # batch 2: classifier-free guidance runs the cond and uncond passes as one batch
+            den = DenoiserRuntime(denoiser, backend, batch=2)
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
         features: Any
@@ -247,10 +286,33 @@ def _build_neural(config: RuntimeConfig) -> tuple[Renderer, StageFactory, bool]:
             features = HubertStreaming(hubert_path)
         else:
             features = LogMelFeatures()
-        motion = build_neural_motion(denoiser, prepared.source, silence=features.silence())
+        motion = build_neural_motion(den, prepared.source, silence=features.silence())
         return features, motion
 
     return renderer, stages, motion_untrained
+
+
+def _backend(name: str, device: torch.device) -> Backend | None:
+    """The selected backend on ``device``; ``None`` for eager, which calls the modules directly (bit-identical to
+    the reference path). An unusable backend is a :class:`RuntimeBuildError` saying why and listing usable ones."""
+    if name == "eager":
+        return None
+    from engine.backends import get_backend
+
+    with _backend_errors():  # its message names the backend and lists the usable ones
+        return get_backend(name, device)
+
+
+@contextmanager
+def _backend_errors(context: str = "") -> Iterator[None]:
+    """A backend that cannot be selected or cannot load a network fails the build as a :class:`RuntimeBuildError`
+    (what transports report to the user) rather than as a bare runtime error."""
+    from engine.backends import BackendError
+
+    try:
+        yield
+    except BackendError as exc:
+        raise RuntimeBuildError(f"{context}{exc}") from exc
 
 
 def _build_classic(config: RuntimeConfig) -> tuple[Renderer, StageFactory, bool]:

@@ -26,6 +26,7 @@ from streaming.server import ServerConfig, create_app
 from streaming.server.app import CLASSIC_BANNER
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+STATS_JS = "(document.getElementById('rtc-stats') || {}).textContent"  # null-safe while the page loads
 
 
 def chromium_binary() -> str:
@@ -131,7 +132,7 @@ async def test_page_receives_decoded_video(tmp_path: Path) -> None:
         async with chromium(url, tmp_path, wav) as page:
             stats: dict[str, Any] = {}
             for _ in range(300):
-                raw = await page.evaluate("(document.getElementById('rtc-stats') || {}).textContent")
+                raw = await page.evaluate(STATS_JS)
                 stats = json.loads(raw or "{}")
                 if stats.get("framesDecoded", 0) >= 100 and stats.get("serverFps"):
                     break
@@ -161,5 +162,40 @@ async def test_page_receives_decoded_video(tmp_path: Path) -> None:
                 await asyncio.sleep(0.1)
             assert session.state["emotion"] == "sad"
             assert np.isfinite(stats["latencyMs"])
+    finally:
+        await server.close()
+
+
+@pytest.mark.slow
+async def test_page_with_the_real_classic_runtime(tmp_path: Path) -> None:
+    from streaming.server.engine_factory import open_engine_factory
+
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 20.0)
+    factory = await open_engine_factory(mode="classic")
+    server = TestServer(create_app(factory, ServerConfig()), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with chromium(str(server.make_url("/")) + "?autostart=1", tmp_path, wav) as page:
+            stats: dict[str, Any] = {}
+            for _ in range(300):
+                stats = json.loads(
+                    await page.evaluate("(document.getElementById('rtc-stats') || {}).textContent") or "{}"
+                )
+                if stats.get("framesDecoded", 0) >= 25:
+                    break
+                await asyncio.sleep(0.1)
+            first = stats.get("framesDecoded", 0)
+            await asyncio.sleep(6.0)
+            stats = json.loads(await page.evaluate("document.getElementById('rtc-stats').textContent"))
+            shown_fps = (stats["framesDecoded"] - first) / 6.0
+            size = await page.evaluate(
+                "[document.getElementById('avatar').videoWidth, document.getElementById('avatar').videoHeight]"
+            )
+            banner = await page.evaluate("document.getElementById('banner').textContent")
+            print(f"\nchromium + classic runtime: {stats}, decoded fps {shown_fps:.1f}, video {size}")
+            assert first >= 25 and shown_fps >= 15.0, stats
+            assert size == [512, 512]
+            assert banner == CLASSIC_BANNER
     finally:
         await server.close()

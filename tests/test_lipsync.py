@@ -16,7 +16,7 @@ FPS = 25
 
 @pytest.fixture(scope="module")
 def rendered() -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
-    audio, bursts = lipsync.test_signal(5.0, seed=2)
+    audio, bursts = lipsync.sync_signal(5.0, seed=2)
     assert len(bursts) >= 5
     features = ClassicFeatures(fps=FPS)
     rows = np.concatenate([features.push(audio), features.flush()])
@@ -55,8 +55,8 @@ def test_shifted_video_is_detected(rendered: tuple, shift: int) -> None:
 
 
 def test_signal_is_seeded_and_envelope_aligned() -> None:
-    a, bursts = lipsync.test_signal(3.0, seed=5)
-    b, _ = lipsync.test_signal(3.0, seed=5)
+    a, bursts = lipsync.sync_signal(3.0, seed=5)
+    b, _ = lipsync.sync_signal(3.0, seed=5)
     np.testing.assert_array_equal(a, b)
     env = lipsync.audio_envelope(a, FPS)
     start = int(np.ceil(bursts[0][0] * FPS))

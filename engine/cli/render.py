@@ -17,6 +17,7 @@ from engine.weights import UNTRAINED_MESSAGE
 
 if TYPE_CHECKING:
     from streaming.offline import RenderResult
+    from streaming.runtime import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ logger = logging.getLogger(__name__)
     help="LivePortrait weight store (default: the engine home's).",
 )
 @click.option("--preset", default="tiny", show_default=True, help="Renderer preset when no weights are imported.")
+@click.option(
+    "--backend",
+    default="eager",
+    show_default=True,
+    help="Backend the neural networks run on (eager, compile, onnxruntime, tensorrt; neural mode only).",
+)
 @click.option("--fps", type=click.IntRange(1, 120), default=25, show_default=True, help="Video frame rate.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def render(
@@ -59,13 +66,15 @@ def render(
     mode: str,
     weights: Path | None,
     preset: str,
+    backend: str,
     fps: int,
     no_progress: bool,
 ) -> None:
     """Render a talking video from an audio file, as fast as the machine allows."""
     from engine.config import ConfigError
     from engine.weights.checkpoint import CheckpointError
-    from streaming.runtime import RuntimeBuildError
+    from streaming.runtime import RuntimeBuildError, RuntimeConfig, check_backend_name
+    from streaming.session import SessionConfig
     from streaming.video_io import MediaError, check_writable, read_audio
 
     if avatar_name is not None and image is not None:
@@ -76,9 +85,20 @@ def render(
     if intensity is not None:
         controls["intensity"] = intensity
     try:
+        check_backend_name(backend)
+    except ValueError as exc:  # the message lists the available backends
+        raise click.BadParameter(str(exc), param_hint="--backend") from exc
+    try:
+        config = RuntimeConfig(
+            mode=mode,
+            weights=str(weights) if weights is not None else None,
+            preset=preset,
+            session=SessionConfig(fps=fps, realtime=False),
+            backend=backend,
+        )
         check_writable(out)  # before any work: a bad --out must not cost a render
         audio = read_audio(audio_path)
-        result = asyncio.run(_render(audio, out, avatar_name, image, controls, mode, weights, preset, fps, no_progress))
+        result = asyncio.run(_render(config, audio, out, avatar_name, image, controls, no_progress))
     except (MediaError, ConfigError, CheckpointError, FileNotFoundError, RuntimeBuildError) as exc:
         raise click.ClickException(str(exc)) from exc
     except ValueError as exc:  # bad image, unknown avatar, invalid control
@@ -91,30 +111,21 @@ def render(
 
 
 async def _render(
+    config: RuntimeConfig,
     audio: Any,
     out: Path,
     avatar_name: str | None,
     image: Path | None,
     controls: dict[str, Any],
-    mode: str,
-    weights: Path | None,
-    preset: str,
-    fps: int,
     no_progress: bool,
 ) -> RenderResult:
     from tqdm import tqdm
 
     from streaming.clock import frame_count
     from streaming.offline import render_to_file
-    from streaming.runtime import Runtime, RuntimeConfig
-    from streaming.session import SessionConfig
+    from streaming.runtime import Runtime
 
-    config = RuntimeConfig(
-        mode=mode,
-        weights=str(weights) if weights is not None else None,
-        preset=preset,
-        session=SessionConfig(fps=fps, realtime=False),
-    )
+    fps = config.session.fps
     runtime = Runtime.create(config)
     try:
         if runtime.untrained:

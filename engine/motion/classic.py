@@ -25,7 +25,7 @@ from engine.motion.base import MotionFrame
 
 SAMPLE_RATE = 16000
 DIM = 4
-DEFAULT_FACE_SIZE = 0.468  # inter-ocular distance of the default avatar (normalised units)
+DEFAULT_FACE_SIZE = 0.502  # inter-ocular distance of the default avatar (normalised units)
 
 # Emotion offsets per keypoint (dx, dy) in inter-ocular units, at intensity 1. Keys are EMOTION keypoints only.
 EMOTIONS: dict[str, dict[int, tuple[float, float]]] = {
@@ -206,8 +206,8 @@ class ClassicMotion:
         offsets += self._emotion
         closure = self._blink(index)
         for upper, lower in ((11, 13), (15, 16)):
-            offsets[upper, 1] += closure * 0.2
-            offsets[lower, 1] -= closure * 0.02
+            offsets[upper, 1] += closure * 0.12  # most of the lid gap of a typical open eye
+            offsets[lower, 1] -= closure * 0.005
         exp = torch.zeros(1, NUM_KP, 3)
         exp[0, :, :2] = torch.from_numpy(offsets * self.face_size).float()
         t_s = index / cfg.fps

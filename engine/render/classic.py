@@ -1,7 +1,7 @@
 """Weight-free warp-only renderer (classic mode): analytic dense flow from the 21 keypoints + a drawn mouth.
 
 Keypoints come from 68-point landmarks (``engine68`` / iBUG order) so the region sets of ``engine.keypoints``
-land on the matching facial parts: LIP on mouth corners, lip bodies and chin, EYE on the lids and glabella,
+land on the matching facial parts: LIP on mouth corners, inner lip edges and chin, EYE on the lids and glabella,
 EMOTION adds the brows. Coordinates are normalised crop coordinates in [-1, 1] (x right, y down, z 0), the
 ``grid_sample(align_corners=False)`` convention, so pixel ``p`` maps to ``(2 p + 1) / S - 1``.
 
@@ -41,19 +41,19 @@ _SIGMA = (
     (0.35, 0.35),  # 8 right jaw
     (0.15, 0.25),  # 9 nose bridge
     (0.60, 0.30),  # 10 neck
-    (0.16, 0.05),  # 11 left upper lid
+    (0.18, 0.10),  # 11 left upper lid
     (0.13, 0.11),  # 12 right mouth corner
-    (0.16, 0.05),  # 13 left lower lid
+    (0.18, 0.08),  # 13 left lower lid
     (0.24, 0.10),  # 14 upper lip
-    (0.16, 0.05),  # 15 right upper lid
-    (0.16, 0.05),  # 16 right lower lid
+    (0.18, 0.10),  # 15 right upper lid
+    (0.18, 0.08),  # 16 right lower lid
     (0.24, 0.12),  # 17 lower lip
     (0.12, 0.12),  # 18 glabella
     (0.45, 0.20),  # 19 chin
     (0.30, 0.14),  # 20 below the lower lip
 )
 _BACKGROUND = 0.02  # constant weight of the "no motion" component
-_EPS2 = 0.15  # Shepard-style sharpening: weights ~ gauss / (r^2 + eps^2) pin each keypoint's own motion
+_EPS2 = 0.03  # Shepard-style sharpening: weights ~ gauss / (r^2 + eps^2) pin each keypoint's own motion
 
 
 class ClassicState(NamedTuple):
