@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,16 +16,9 @@ import numpy as np
 import torch
 
 from engine.avatar.default import default_avatar
+from engine.benchinfo import environment, write_result
 from engine.motion.classic import ClassicFeatures, ClassicMotion
 from engine.render.classic import ClassicRenderer, face_size
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -39,6 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "classic_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    env = environment()  # at the start: the load average the timings below ran under
 
     renderer = ClassicRenderer(size=512, flow_size=args.flow_size)
     prepared = renderer.prepare(default_avatar())
@@ -65,17 +57,14 @@ def main() -> None:
     per_frame = np.array(times) / args.batch
     result = {
         "benchmark": "classic_render_cpu",
-        "device": f"cpu: {platform.processor() or platform.machine()}, {args.threads} torch threads",
-        "commit": _commit(),
+        "environment": env,
         "config": {"size": 512, "flow_size": args.flow_size, "batch": args.batch, "frames": args.frames},
         "ms_per_frame_median": round(float(np.median(per_frame)) * 1000, 2),
         "ms_per_frame_p90": round(float(np.percentile(per_frame, 90)) * 1000, 2),
         "fps_median": round(1.0 / float(np.median(per_frame)), 1),
-        "torch": torch.__version__,
         "note": "shared 2-core machine; other jobs may have been running",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -12,40 +12,21 @@ spin while waiting for a core. The JSON records the load average so such runs ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.benchinfo import environment, load_average, write_result
 from engine.motion import lmdm
 from engine.motion.samplers import DDIMSampler, guided_denoise, sample
 from engine.motion.schedule import cosine_alphas_cumprod
 
 RESULTS = Path(__file__).parent / "results" / "motion_cpu.json"
 FPS = 25
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_window(preset: str, steps: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
@@ -95,37 +76,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    load_before = os.getloadavg()
+    env = environment()  # at the start: the load average the timings below ran under
     results = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         results += [{"threads": threads, **time_window(p, args.steps, args.repeats)} for p in args.presets]
-    load_after = os.getloadavg()
+    load_after = load_average()
     report = {
         "benchmark": "motion_window_cpu",
-        "device": {
-            "kind": "cpu",
-            "cpu": _cpu_name(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            # the machine may be shared: a 1-minute load average above the core count inflates the medians
-            "cpu_count": os.cpu_count(),
-            "loadavg_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        },
-        "commit": _git("rev-parse", "HEAD"),
-        "tree_dirty": bool(_git("status", "--porcelain")),
+        "environment": env,
+        # the machine may be shared: a 1-minute load average above the core count inflates the medians
+        "load_average_1min_after": load_after,
         "weights": "deterministic random (timing only; compute does not depend on values)",
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, report)
     for r in results:
         print(
             f"{r['preset']:>6}: {r['parameters'] / 1e6:6.2f}M params, {r['steps']} guided steps per 80-frame window: "
             f"median {r['window_ms_median']:.1f} ms (min {r['window_ms_min']:.1f}), "
             f"x{r['realtime_factor_overlap10']} real time at overlap 10 ({r['threads']} threads)"
         )
-    print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} cores; wrote {args.out}")
+    print(f"load average {env['load_average_1min']} -> {load_after} on {os.cpu_count()} cores; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,38 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.benchinfo import environment, load_average, write_result
 from engine.models import liveportrait
 
 RESULTS = Path(__file__).parent / "results" / "renderer_cpu.json"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_preset(preset: str, repeats: int, warmup: int = 3) -> dict[str, Any]:
@@ -93,23 +73,20 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the untrained-weights warning is expected here
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    env = environment()  # at the start: the load average the timings below ran under
     runs = [time_preset("tiny", args.repeats)]
     if args.full:
         runs.append(time_preset("liveportrait", max(2, args.repeats // 10), warmup=1))
     result = {
         "benchmark": "renderer warp+decode, batch 1, CPU",
-        "device": {"platform": platform.platform(), "cpu": _cpu_name(), "torch": torch.__version__},
+        "environment": env,
         "threads": args.threads,
         # other processes on a shared machine slow every number here; the load average says how busy it was
-        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        "load_average_1min_after": load_average(),
         "note": "deterministic random weights; compute time does not depend on the weight values",
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     for run in runs:
         print(
             f"{run['preset']}: warp {run['warp_ms_median']} ms + decode {run['decode_ms_median']} ms = "

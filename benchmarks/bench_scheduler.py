@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -30,28 +27,12 @@ import numpy as np
 import torch
 
 from engine.audio import LogMelFeatures
+from engine.benchinfo import environment, load_average, write_result
 from engine.motion import lmdm
 from engine.motion.scheduler import SchedulerConfig, SourceCondition, WindowScheduler
 
 RESULTS = Path(__file__).parent / "results" / "scheduler_cpu.json"
 PUSH_MS = 20
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _speech(seconds: float) -> np.ndarray:
@@ -119,7 +100,7 @@ def main() -> None:
 
     config = SchedulerConfig(hop=args.hop, lookahead=args.lookahead, steps=args.steps)
     results = []
-    load_before = os.getloadavg()
+    env = environment()  # at the start: the load average the timings below ran under
     for threads in args.threads:
         torch.set_num_threads(threads)
         for preset in args.presets:
@@ -132,27 +113,18 @@ def main() -> None:
                 f"{r['window_ms_median']:.1f} ms (p90 {r['window_ms_p90']:.1f}, min {r['window_ms_min']:.1f}), "
                 f"x{r['realtime_factor']} real time; {r['frames']}/{r['expected_frames']} frames"
             )
-    load_after = os.getloadavg()
+    load_after = load_average()
     report = {
         "benchmark": "motion_scheduler_cpu",
-        "device": {
-            "kind": "cpu",
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            # shared machine: a 1-minute load average above the core count inflates every number here
-            "loadavg_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        },
-        "commit": _git("rev-parse", "HEAD"),
-        "tree_dirty": bool(_git("status", "--porcelain")),
+        "environment": env,
+        # shared machine: a 1-minute load average above the core count inflates every number here
+        "load_average_1min_after": load_after,
         "config": {**dataclasses.asdict(config), "push_ms": PUSH_MS, "audio_seconds": args.seconds},
         "weights": "deterministic random (timing only; compute does not depend on values)",
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} cores; wrote {args.out}")
+    write_result(args.out, report)
+    print(f"load average {env['load_average_1min']} -> {load_after} on {os.cpu_count()} cores; wrote {args.out}")
 
 
 if __name__ == "__main__":

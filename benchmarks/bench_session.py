@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from engine.benchinfo import environment, write_result
 from streaming.runtime import Runtime, RuntimeConfig
 from streaming.session import SessionConfig
 
@@ -39,27 +36,6 @@ def voice(seconds: float, seed: int = 0) -> np.ndarray:
     syllables = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) * (np.sin(2 * np.pi * 0.25 * t) > -0.5)
     noise = np.random.default_rng(seed).standard_normal(t.size) * 0.02
     return (0.25 * voiced * syllables + noise).astype(np.float32)
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
-        return head + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device() -> dict[str, Any]:
-    return {
-        "kind": "cpu",
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg_1m_at_start": os.getloadavg()[0],
-    }
 
 
 async def run_mode(mode: str, seconds: float, session_cfg: SessionConfig) -> dict[str, Any]:
@@ -116,6 +92,7 @@ async def run_mode(mode: str, seconds: float, session_cfg: SessionConfig) -> dic
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    env = environment()  # at the start: the load average the sessions below ran under
     results = []
     for item in args.modes.split(","):
         # "mode" or "mode:compute_frames" (a larger render budget: more latency, fewer drops)
@@ -128,8 +105,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results.append(r)
     return {
         "benchmark": "session_live",
-        "device": device(),
-        "commit": commit(),
+        "environment": env,
         "config": {"seconds": args.seconds, "chunk_s": CHUNK_S, "modes": args.modes},
         "results": results,
     }
@@ -143,6 +119,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "session_cpu.json")
     ns = parser.parse_args()
     report = asyncio.run(main(ns))
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(ns.out, report)
     print(f"wrote {ns.out}")

@@ -1,7 +1,7 @@
 """Backends selected by name reach the renderer and the denoiser: the neural renderer and a whole neural session
 on ``onnxruntime`` against eager (tiny preset, fp32; float frames within 1e-4, delivered uint8 frames within one
-step), eager through the backend interface bit-identical to the direct modules, and the name errors of
-``RuntimeConfig``, ``Runtime.create`` and ``engine render --backend``."""
+step; ~20 s, nearly all of it exporting the networks to ONNX), eager through the backend interface bit-identical
+to the direct modules, and the name errors of ``RuntimeConfig``, ``Runtime.create`` and ``engine render``."""
 
 from __future__ import annotations
 
@@ -58,22 +58,6 @@ def _frames(renderer: NeuralRenderer, avatar: Avatar) -> torch.Tensor:
     return renderer.render([prepared, prepared], kp)  # [2, 3, S, S]
 
 
-def test_renderer_on_onnxruntime_matches_eager(nets: liveportrait.LivePortraitNets) -> None:
-    avatar = _avatar()
-    eager = NeuralRenderer(nets)
-    ort = NeuralRenderer(nets, backend=get_backend("onnxruntime"))
-    assert (eager.backend_name, ort.backend_name) == ("eager", "onnxruntime")
-    features_e, features_o = eager.compute_features(avatar), ort.compute_features(avatar)
-    for key, value in features_e.items():
-        assert np.abs(features_o[key] - value).max() <= FLOAT_TOL, key
-    expected = _frames(eager, avatar)
-    got = _frames(ort, avatar)
-    assert got.shape == expected.shape == (2, 3, eager.size, eager.size)
-    err = float((got - expected).abs().max())
-    assert 0.0 < err <= FLOAT_TOL  # > 0: the frames really came from another runtime
-    assert not torch.equal(expected[0], expected[1])  # the turned pose renders another image
-
-
 def test_eager_backend_is_bit_identical_to_the_modules(nets: liveportrait.LivePortraitNets) -> None:
     avatar = _avatar()
     direct = NeuralRenderer(nets)
@@ -112,16 +96,34 @@ async def _session_frames(backend: str, audio: np.ndarray) -> tuple[Runtime, lis
     return runtime, frames
 
 
-async def test_neural_session_on_onnxruntime_matches_eager() -> None:
+def _renderer_matches_eager(ort: NeuralRenderer) -> None:
+    """Per-avatar features and float frames (before uint8) of ``ort`` against eager on the same networks."""
+    avatar = _avatar()
+    eager = NeuralRenderer(ort.nets)
+    assert (eager.backend_name, ort.backend_name) == ("eager", "onnxruntime")
+    features_e, features_o = eager.compute_features(avatar), ort.compute_features(avatar)
+    for key, value in features_e.items():
+        assert np.abs(features_o[key] - value).max() <= FLOAT_TOL, key
+    expected = _frames(eager, avatar)
+    got = _frames(ort, avatar)
+    assert got.shape == expected.shape == (2, 3, eager.size, eager.size)
+    err = float((got - expected).abs().max())
+    assert 0.0 < err <= FLOAT_TOL  # > 0: the frames really came from another runtime
+    assert not torch.equal(expected[0], expected[1])  # the turned pose renders another image
+
+
+async def test_neural_session_and_renderer_on_onnxruntime_match_eager() -> None:
+    # one test, so the onnxruntime networks are exported once (exports take most of its ~18 s)
     audio = (0.1 * np.random.default_rng(0).standard_normal(4800)).astype(np.float32)  # 0.3 s at 16 kHz
     eager_rt, eager = await _session_frames("eager", audio)
     ort_rt, ort = await _session_frames("onnxruntime", audio)
     assert eager_rt.describe()["backend"] == "eager" and ort_rt.describe()["backend"] == "onnxruntime"
-    assert isinstance(ort_rt.renderer, NeuralRenderer) and ort_rt.renderer.backend_name == "onnxruntime"
     assert len(ort) == len(eager) > 1
     diff = np.abs(np.stack(ort).astype(np.int16) - np.stack(eager).astype(np.int16))
     assert int(diff.max()) <= UINT8_TOL
     assert len({f.tobytes() for f in ort}) > 1  # the motion drives the frames on this backend too
+    assert isinstance(ort_rt.renderer, NeuralRenderer)
+    _renderer_matches_eager(ort_rt.renderer)
 
 
 def test_unknown_backend_names_the_available_ones() -> None:

@@ -128,8 +128,9 @@ def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["benchmark"] == "backends" and report["device_type"] == "cpu" and report["device"]
-    assert report["commit"] and report["untrained_weights"] is True
+    env = report["environment"]
+    assert report["benchmark"] == "backends" and env["device_type"] == "cpu" and env["device"]
+    assert env["commit"] and report["untrained_weights"] is True
     assert report["config"]["preset"] == "tiny" and report["config"]["threads"] == 1
     assert list(report["results"]) == ["eager", "onnxruntime"]
     for result_ in report["results"].values():

@@ -8,11 +8,7 @@ is the process's peak resident set after them (monotonic over the run: it bounds
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import resource
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.backends import Backend, BackendError, Runner, get_backend
+from engine.benchinfo import environment, load_average, write_result
 from engine.models import liveportrait
 from engine.motion import lmdm
 from export.graphs import RENDERER_GRAPHS, Graph, build_heads, denoiser_graph, head_graphs, renderer_graphs
@@ -57,28 +54,6 @@ class BenchConfig:
             raise ValueError(f"need batch >= 1, warmup >= 0, iters >= 1; got {self.batch}, {self.warmup}, {self.iters}")
         if not self.backends:
             raise ValueError("give at least one backend")
-
-
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_graphs(preset: str, modules: Sequence[str]) -> dict[str, Graph]:
@@ -132,11 +107,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Times every module on every backend, alternating between the backends in short blocks (see
     :func:`_bench_module`) so the comparison survives a changing machine load."""
     device = torch.device(config.device)
-    load_before = _load_average()
-    graphs = bench_graphs(config.preset, config.modules)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
+        env = environment(config.device)  # before the work: the load average the timings ran under
+        graphs = bench_graphs(config.preset, config.modules)
         backends = {}
         for name in config.backends:
             options: dict[str, Any] = {"threads": config.threads} if name == "onnxruntime" else {}
@@ -154,14 +129,12 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         results[name] = {"modules": modules, "frames_per_s": fps}
     return {
         "benchmark": "backends",
-        "device": device_name(config.device),
-        "device_type": device.type,
-        "commit": _commit(),
+        "environment": env,
         "config": asdict(config),
         "versions": _versions(),
         "untrained_weights": True,
         # the CPU machines these run on are shared: a high load average means noisy timings
-        "load_average_1min": {"before": load_before, "after": _load_average()},
+        "load_average_1min_after": load_average(),
         "results": results,
     }
 
@@ -201,15 +174,9 @@ def _bench_module(
     return out
 
 
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
+    """Runtime libraries beyond the torch and python versions that ``environment()`` records."""
+    out: dict[str, str] = {}
     try:
         import onnxruntime
 
@@ -242,8 +209,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(np.arange(len(modules)), modules, rotation=20)
     ax.set_yscale("log")
     ax.set_ylabel("latency per call (ms, median; whisker p90)")
-    cfg = report["config"]
-    ax.set_title(f"{cfg['preset']} preset, batch {cfg['batch']}, {report['device']} ({cfg['threads']} threads)")
+    cfg, device = report["config"], report["environment"]["device"]
+    ax.set_title(f"{cfg['preset']} preset, batch {cfg['batch']}, {device} ({cfg['threads']} threads)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +219,6 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> None:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(json_path, report)
     if plot_path is not None:
         write_plot(report, plot_path)

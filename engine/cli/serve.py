@@ -41,6 +41,12 @@ def _is_loopback(host: str) -> bool:
     default=None,
     help="classic: weight-free warp renderer; neural: imported networks (default: neural when weights exist).",
 )
+@click.option(
+    "--backend",
+    default="eager",
+    show_default=True,
+    help="Backend the neural networks run on (eager, compile, onnxruntime, tensorrt; neural mode only).",
+)
 @click.option("--token", envvar="AVATAR_ENGINE_TOKEN", default=None, help="Require this bearer token.")
 @click.option("--max-sessions", type=click.IntRange(min=1), default=4, show_default=True)
 def serve(
@@ -51,15 +57,15 @@ def serve(
     weights: Path | None,
     preset: str | None,
     mode: str | None,
+    backend: str,
     token: str | None,
     max_sessions: int,
 ) -> None:
     """Serve live avatar sessions. Open http://HOST:PORT/ in a browser, or use `engine client`."""
-    from streaming.server.engine_factory import EngineFactoryError, open_engine_factory
-
     from engine.config import ConfigError
     from streaming.server import ServerConfig, create_app
     from streaming.server.app import serve_app
+    from streaming.server.engine_factory import EngineFactoryError, open_engine_factory
 
     if not webrtc:
         raise click.UsageError("choose a transport: --webrtc (the only one so far)")
@@ -71,7 +77,7 @@ def serve(
         raise click.BadParameter(str(exc)) from exc
 
     async def main() -> None:
-        factory = await open_engine_factory(avatar=avatar, weights=weights, preset=preset, mode=mode)
+        factory = await open_engine_factory(avatar=avatar, weights=weights, preset=preset, mode=mode, backend=backend)
         info = factory.describe()
         click.echo(f"mode {info.get('mode')}, avatar {info.get('avatar')}, {info.get('fps')} fps", err=True)
         app = create_app(factory, config)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,48 +22,46 @@ def import_group() -> None:
     """Import checkpoints (safe loading only; nothing is half-written on failure)."""
 
 
+def _out_option(store: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--out",
+        "dst",
+        type=click.Path(path_type=Path),
+        default=None,
+        help=f"Destination store (default: the engine home's weights/{store}).",
+    )
+
+
+def _import_into_store(
+    import_fn: Callable[[Path, Path], object], describe: Callable[[Path], str], src: Path, dst: Path, what: str
+) -> None:
+    """Runs one importer, turning its checkpoint errors into CLI errors, then describes the new store."""
+    try:
+        import_fn(src, dst)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"imported {what} into {dst}")
+    click.echo(describe(dst))
+
+
 @import_group.command("liveportrait")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "dst",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Destination store (default: the engine home's weights/liveportrait).",
-)
+@_out_option("liveportrait")
 def import_liveportrait_cmd(src: Path, dst: Path | None) -> None:
     """Import LivePortrait's pretrained_weights (folder holding base_models/ and retargeting_models/)."""
     from engine.weights.liveportrait import describe, import_liveportrait
 
-    dst = dst or default_weights_dir()
-    try:
-        import_liveportrait(src, dst)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"imported LivePortrait weights into {dst}")
-    click.echo(describe(dst))
+    _import_into_store(import_liveportrait, describe, src, dst or default_weights_dir(), "LivePortrait weights")
 
 
 @import_group.command("ditto")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "dst",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Destination store (default: the engine home's weights/ditto).",
-)
+@_out_option("ditto")
 def import_ditto_cmd(src: Path, dst: Path | None) -> None:
     """Import Ditto's motion diffusion checkpoint (lmdm_v0.4_hubert.pth, or the folder holding it)."""
     from engine.weights.ditto import describe, import_ditto
 
-    dst = dst or default_ditto_dir()
-    try:
-        import_ditto(src, dst)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"imported Ditto motion weights into {dst}")
-    click.echo(describe(dst))
+    _import_into_store(import_ditto, describe, src, dst or default_ditto_dir(), "Ditto motion weights")
 
 
 @weights.command("info")

@@ -41,14 +41,19 @@ class RuntimeFactory:
 
 
 async def open_engine_factory(
-    *, avatar: str | None = None, weights: Path | None = None, preset: str | None = None, mode: str | None = None
+    *,
+    avatar: str | None = None,
+    weights: Path | None = None,
+    preset: str | None = None,
+    mode: str | None = None,
+    backend: str = "eager",
 ) -> RuntimeFactory:
     """Build the runtime for ``mode`` (None: neural when weights are imported, else classic) and check that the
     avatar loads, so a typo fails at start-up rather than at the first visitor."""
     from engine.config import ConfigError
     from streaming.runtime import Runtime, RuntimeBuildError, RuntimeConfig
 
-    options: dict[str, Any] = {"mode": mode or "auto"}
+    options: dict[str, Any] = {"mode": mode or "auto", "backend": backend}
     if weights is not None:
         options["weights"] = str(weights)
     if preset is not None:

@@ -137,13 +137,10 @@ class Peer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            self._spawn(self._consume_mic(track), "microphone")
+            # the watchdog counts the frames it consumes as signs of life
+            self._spawn(consume_microphone(track, self.session, self.stats), "microphone")
         else:
             self._spawn(drain(track), "drain-video")
-
-    async def _consume_mic(self, track: MediaStreamTrack) -> None:
-        # activity is recorded by the frame counter that consume_microphone advances (see _watchdog)
-        await consume_microphone(track, self.session, self.stats)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != CONTROL_CHANNEL:
