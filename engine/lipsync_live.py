@@ -153,7 +153,7 @@ def decode_mp4(path: Path, box: tuple[int, int, int, int] | None = None) -> Deco
         for frame in container.decode(stream):
             rgb = frame.to_ndarray(format="rgb24")
             box = box or default_mouth_box(rgb.shape[1])
-            times.append(float(frame.pts * frame.time_base))
+            times.append(_seconds(frame.pts, frame.time_base))
             opening.append(frame_opening(rgb, box))
     with av.open(str(path)) as container:
         rate = container.streams.audio[0].rate
@@ -161,11 +161,17 @@ def decode_mp4(path: Path, box: tuple[int, int, int, int] | None = None) -> Deco
         for aframe in container.decode(container.streams.audio[0]):
             pcm = aframe.to_ndarray()
             mono = pcm.mean(axis=0) if aframe.format.is_planar else pcm.reshape(-1, len(aframe.layout.channels)).mean(1)
-            pieces.append((float(aframe.pts * aframe.time_base), mono.astype(np.float64)))
+            pieces.append((_seconds(aframe.pts, aframe.time_base), mono.astype(np.float64)))
     if not pieces:
         raise SyncError(f"{path} has no audio")
     audio, t0 = _place(pieces, rate)
     return DecodedMp4(np.asarray(times), np.asarray(opening), audio, rate, t0)
+
+
+def _seconds(pts: int | None, time_base: Any) -> float:
+    if pts is None or time_base is None:
+        raise SyncError("a decoded frame has no timestamp")
+    return float(pts * time_base)
 
 
 def _place(pieces: list[tuple[float, np.ndarray]], rate: int) -> tuple[np.ndarray, float]:
@@ -210,8 +216,9 @@ def measure_offline(workdir: Path, seconds: float = 8.0, seed: int = 0) -> SyncM
 
 
 @contextlib.asynccontextmanager
-async def classic_server(mode: str = "classic") -> AsyncIterator[str]:
-    """The real server (runtime in ``mode``, default avatar) on 127.0.0.1, an ephemeral port -> its base URL."""
+async def classic_server(mode: str | None = "classic") -> AsyncIterator[str]:
+    """The real server (runtime in ``mode``; None: as ``engine serve`` picks it) with the default avatar on
+    127.0.0.1, an ephemeral port -> its base URL."""
     from streaming.server import ServerConfig, create_app
     from streaming.server.app import serve_app
     from streaming.server.engine_factory import open_engine_factory
@@ -222,8 +229,9 @@ async def classic_server(mode: str = "classic") -> AsyncIterator[str]:
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve_app(app, "127.0.0.1", 0, stop, on_started=started.set_result))
     try:
-        done, _ = await asyncio.wait({task, started}, timeout=30)
-        if started not in done:
+        waiting: set[asyncio.Future[Any]] = {task, started}
+        await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
             if task.done():
                 task.result()  # the server failed to start: raise its error
             raise SyncError("the server did not start within 30 s")
@@ -257,7 +265,7 @@ class ReceivedStreams:
                 if box is None:
                     self.size = rgb.shape[1]
                     box = default_mouth_box(self.size)
-                self.video_pts.append(float(frame.pts * frame.time_base))
+                self.video_pts.append(_seconds(frame.pts, frame.time_base))
                 self.video_arrival.append(arrival)
                 self.opening.append(frame_opening(rgb, box))
 
@@ -270,7 +278,7 @@ class ReceivedStreams:
                 arrival = time.monotonic()
                 pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
                 self.audio_rate = frame.sample_rate
-                self.audio.append((float(frame.pts * frame.time_base), pcm))
+                self.audio.append((_seconds(frame.pts, frame.time_base), pcm))
                 self.audio_arrival.append(arrival - pcm.size / frame.sample_rate)
 
 
@@ -358,3 +366,53 @@ def shifted(received: ReceivedStreams, frames: int) -> ReceivedStreams:
     out.__dict__.update(received.__dict__)
     out.video_pts = [t + frames / FPS for t in received.video_pts]
     return out
+
+
+# --- the benchmark: engine bench sync -------------------------------------------------------------------------
+
+SYNC_MODES = ("offline", "live", "browser")
+
+
+def run_sync_bench(modes: tuple[str, ...], seconds: float, seed: int, workdir: Path) -> dict[str, Any]:
+    """Measure each of ``modes`` (offline, live, browser) -> the benchmark record (device, commit, config).
+
+    A mode that cannot run here (no Chromium) is recorded with its error instead of a number.
+    """
+    from engine.benchinfo import environment
+
+    unknown = [m for m in modes if m not in SYNC_MODES]
+    if unknown:
+        raise ValueError(f"unknown sync mode(s) {unknown}; choose from {list(SYNC_MODES)}")
+    env = environment()
+    results: dict[str, Any] = {}
+    for mode in modes:
+        started = time.monotonic()
+        try:
+            if mode == "offline":
+                found = measure_offline(workdir, seconds, seed)
+            elif mode == "live":
+                found = asyncio.run(measure_live(seconds, seed))
+            else:
+                from engine.lipsync_browser import measure_browser
+
+                found = asyncio.run(measure_browser(seconds, seed, workdir))
+        except SyncError as exc:
+            results[mode] = {"error": str(exc)}
+            continue
+        results[mode] = {**found.to_dict(), "wall_s": round(time.monotonic() - started, 1)}
+    return {
+        "benchmark": "lipsync",
+        "device": env["device"],
+        "commit": env["commit"],
+        "config": {
+            "modes": list(modes),
+            "signal_seconds": seconds,
+            "seed": seed,
+            "fps": FPS,
+            "avatar": "default",
+            "runtime_mode": "classic (offline: engine render's auto mode on this engine home)",
+            "sign": "offset_ms > 0: the mouth moves after its sound",
+        },
+        "results": results,
+        "environment": env,
+    }

@@ -96,6 +96,9 @@ def test_emotion_specifics_and_bad_controls() -> None:
     assert happy[6, 1] < 0 and happy[12, 1] < 0 and happy[6, 0] < 0 < happy[12, 0]  # corners up and out
     assert angry[1, 1] > 0 and angry[2, 1] > 0  # brows down
     assert surprised[1, 1] < 0 and surprised[17, 1] > 0  # brows up, mouth open
+    fear, contempt = emotion_exp("fear"), emotion_exp("contempt")
+    assert fear[1, 1] < 0 and fear[6, 0] < 0 < fear[12, 0]  # brows up, lips stretched
+    assert contempt[12, 1] < 0 and not contempt[6].any()  # one-sided smirk
     motion = ClassicMotion()
     with pytest.raises(ValueError, match="unknown emotion"):
         motion.set_emotion("bored")
@@ -103,3 +106,9 @@ def test_emotion_specifics_and_bad_controls() -> None:
         motion.set_emotion("happy", 2.0)
     with pytest.raises(ValueError, match="ClassicFeatures rows"):
         motion.push(np.zeros((3, 80), dtype=np.float32))
+
+
+def test_classic_mode_covers_every_emotion_the_controls_accept() -> None:
+    from engine.motion.emotion import EMOTIONS as CONTROL_EMOTIONS
+
+    assert set(EMOTIONS) == set(CONTROL_EMOTIONS)

@@ -127,3 +127,32 @@ def backends(**options: Any) -> None:
 
 
 # ---- further benchmarks (e.g. ``engine bench sync``) are added below as their own subcommands -----------------
+
+
+@bench.command("sync")
+@click.option(
+    "--mode",
+    type=click.Choice(["offline", "live", "browser", "all"]),
+    default="all",
+    show_default=True,
+    help="offline: engine render -> mp4; live: engine serve --webrtc -> aiortc peer; browser: the page in "
+    "headless Chromium.",
+)
+@click.option("--seconds", type=click.FloatRange(4.0, 60.0), default=10.0, show_default=True, help="Signal length.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the burst signal.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+def sync(mode: str, seconds: float, seed: int, out: Path | None) -> None:
+    """Lip-sync offset (ms, > 0: video late), jitter and correlation per mode, as JSON on stdout."""
+    import json
+    import tempfile
+
+    from engine.benchinfo import write_result
+    from engine.lipsync_live import SYNC_MODES, run_sync_bench
+
+    modes = SYNC_MODES if mode == "all" else (mode,)
+    with tempfile.TemporaryDirectory(prefix="engine-sync-") as tmp:
+        report = run_sync_bench(modes, seconds, seed, Path(tmp))
+    click.echo(json.dumps(report, indent=2))
+    if out is not None:
+        write_result(out, report)
+        click.echo(f"wrote {out}", err=True)

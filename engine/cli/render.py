@@ -130,6 +130,12 @@ async def _render(
     try:
         if runtime.untrained:
             click.secho(f"WARNING: {UNTRAINED_MESSAGE}", fg="red", err=True)
+        if runtime.mode == "classic":
+            from streaming.server.app import CLASSIC_BANNER
+
+            # a first run without imported weights must say why the face is drawn, not neural
+            logger.info("%s", CLASSIC_BANNER)
+            click.secho(CLASSIC_BANNER, fg="yellow", err=True)
         avatar = runtime.load_avatar(avatar_name, image) if image is not None else avatar_name
         total = frame_count(len(audio), fps)
         with tqdm(total=total, unit="frame", disable=no_progress, desc="render") as bar:

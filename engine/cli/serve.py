@@ -64,7 +64,7 @@ def serve(
     """Serve live avatar sessions. Open http://HOST:PORT/ in a browser, or use `engine client`."""
     from engine.config import ConfigError
     from streaming.server import ServerConfig, create_app
-    from streaming.server.app import serve_app
+    from streaming.server.app import banner_for, serve_app
     from streaming.server.engine_factory import EngineFactoryError, open_engine_factory
 
     if not webrtc:
@@ -80,6 +80,9 @@ def serve(
         factory = await open_engine_factory(avatar=avatar, weights=weights, preset=preset, mode=mode, backend=backend)
         info = factory.describe()
         click.echo(f"mode {info.get('mode')}, avatar {info.get('avatar')}, {info.get('fps')} fps", err=True)
+        banner = banner_for(info)
+        if banner is not None:  # the page shows it too; a first run must say why the face is not neural
+            click.secho(banner, fg="yellow", err=True)
         app = create_app(factory, config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import ops as kernel_ops
+
 KP_VARIANCE = 0.01  # Gaussian heatmap variance of kp2gaussian
 
 
@@ -46,6 +48,8 @@ def sparse_motion_input(compressed: Tensor, kp_driving: Tensor, kp_source: Tenso
 
     Per motion m the channels are [heatmap, C deformed channels]; motion 0 (background) has a zero heatmap.
     """
+    if compressed.is_cuda and kernel_ops.use_fused(None, compressed):  # $AVATAR_ENGINE_KERNELS, kernels/README.md
+        return kernel_ops.sparse_motion_features(compressed, kp_driving, kp_source, impl="fused")
     b, c, d, h, w = compressed.shape
     k1 = kp_source.shape[1] + 1
     grid = coordinate_grid(d, h, w, kp_source.dtype, kp_source.device)
@@ -60,6 +64,8 @@ def sparse_motion_input(compressed: Tensor, kp_driving: Tensor, kp_source: Tenso
 
 def deformation_from_mask(mask_logits: Tensor, kp_driving: Tensor, kp_source: Tensor) -> Tensor:
     """Softmax of ``mask_logits [B, K+1, D, H, W]`` over the motions, then the weighted motion ``[B, D, H, W, 3]``."""
+    if mask_logits.is_cuda and kernel_ops.use_fused(None, mask_logits):
+        return kernel_ops.mask_deformation(mask_logits, kp_driving, kp_source, impl="fused")
     _, _, d, h, w = mask_logits.shape
     mask = torch.softmax(mask_logits, dim=1)  # [B, K+1, D, H, W]
     motions = sparse_motions(kp_driving, kp_source, d, h, w).permute(0, 1, 5, 2, 3, 4)  # [B, K+1, 3, D, H, W]
@@ -69,4 +75,6 @@ def deformation_from_mask(mask_logits: Tensor, kp_driving: Tensor, kp_source: Te
 
 def warp_volume(feature: Tensor, deformation: Tensor) -> Tensor:
     """Trilinear sample of ``feature [B, C, D, H, W]`` at ``deformation [B, D, H, W, 3]`` (zeros outside)."""
+    if feature.is_cuda and kernel_ops.use_fused(None, feature, deformation):
+        return kernel_ops.grid_sample_3d(feature, deformation, impl="fused")
     return F.grid_sample(feature, deformation, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -40,6 +40,11 @@ EMOTIONS: dict[str, dict[int, tuple[float, float]]] = {
                   20: (0.0, 0.11), 6: (0.025, 0.03), 12: (-0.025, 0.03)},
     "disgusted": {14: (0.0, -0.04), 6: (0.0, 0.02), 12: (0.0, 0.02), 18: (0.0, 0.05), 1: (0.01, 0.04),
                   2: (-0.01, 0.04), 13: (0.0, -0.02), 16: (0.0, -0.02)},
+    # fear: brows raised and drawn together, lower lids dropped (eyes widen), lips stretched sideways
+    "fear": {1: (0.015, -0.07), 2: (-0.015, -0.07), 18: (0.0, -0.05), 13: (0.0, 0.015), 16: (0.0, 0.015),
+             6: (-0.035, 0.02), 12: (0.035, 0.02), 17: (0.0, 0.03)},
+    # contempt: the one-sided smirk (one mouth corner up and out), the other side and the brows stay
+    "contempt": {12: (0.04, -0.05), 14: (0.01, -0.01), 17: (0.005, 0.0)},
 }  # fmt: skip
 
 
