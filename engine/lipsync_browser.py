@@ -6,6 +6,11 @@ darkness of the mouth box is recorded at the frame's ``expectedDisplayTime``; th
 through WebAudio (``MediaStreamSource -> AnalyserNode``) and its RMS sampled every few milliseconds, stamped on
 the same ``performance.now()`` clock (plus the context's output latency: when it is heard, not processed). The
 offset is then computed in Python with :func:`engine.lipsync.estimate_offset`, like every other mode.
+
+The fake capture device loops the WAV (no ``%noloop``): the measurement starts once the video plays, a second or
+two into the file, and a looping signal keeps bursts coming for the whole window. Chromium's capture path applies
+its default microphone processing (noise suppression, gain control) to the page's ``getUserMedia`` audio, so some
+noise bursts come back quieter; the cross-correlation does not depend on equal burst levels.
 """
 
 from __future__ import annotations

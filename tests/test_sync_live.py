@@ -34,6 +34,7 @@ async def test_live_webrtc_offset_within_40_ms() -> None:
     print(f"\nlive aiortc: {result.to_dict()}")
     assert result.correlation > 0.5
     assert abs(result.offset_ms) <= 40.0
+    assert result.jitter_ms < 40.0
     _check_shift_is_found(received)
 
 

@@ -4,6 +4,8 @@ caught."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -44,6 +46,7 @@ def test_rendered_mp4_is_in_sync(rendered: tuple[DecodedMp4, str]) -> None:
     print(f"\noffline engine render: offset {found.offset_ms:+.1f} ms, corr {found.correlation:.3f}")
     assert found.correlation > 0.6
     assert abs(found.offset_ms) <= 1000.0 / FPS  # 0 +- 1 frame
+    assert found.jitter_ms < 1000.0 / FPS
 
 
 @pytest.mark.parametrize("shift", [3, -2])
@@ -63,3 +66,16 @@ def test_too_little_to_measure_is_an_error() -> None:
         timed_offset(np.arange(10) / FPS, np.zeros(10), np.zeros(16_000), 16_000, 0.0)
     with pytest.raises(SyncError, match="overlap"):
         timed_offset(np.arange(100) / FPS, np.zeros(100), np.zeros(16_000), 16_000, 3.5)
+
+
+def test_bench_sync_prints_json() -> None:
+    result = CliRunner().invoke(main, ["bench", "sync", "--mode", "offline", "--seconds", "5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    found = report["results"]["offline"]
+    assert report["benchmark"] == "lipsync" and report["commit"] and report["device"]
+    assert report["config"]["modes"] == ["offline"] and report["config"]["signal_seconds"] == 5.0
+    assert abs(found["offset_ms"]) <= 40.0 and found["correlation"] > 0.6 and found["jitter_ms"] >= 0.0
+    assert found["notes"]["render_said"] == [CLASSIC_BANNER]
+    bad = CliRunner().invoke(main, ["bench", "sync", "--mode", "sideways"])
+    assert bad.exit_code == 2 and "sideways" in bad.output

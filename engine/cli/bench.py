@@ -1,7 +1,8 @@
 """``engine bench``: benchmarks written as JSON (+ PNG).
 
 ``engine bench --backend B --preset P`` (or ``engine bench backends ...``) times the runtime backends. Other
-benchmarks are separate subcommands of this group (e.g. a future ``engine bench sync``).
+benchmarks are separate subcommands of this group: ``engine bench sync`` measures the lip-sync offset
+(:mod:`engine.lipsync_live`).
 """
 
 from __future__ import annotations
