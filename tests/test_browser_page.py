@@ -1,38 +1,28 @@
 """The browser page in headless Chromium: microphone (a fake device playing a WAV) in, decoded avatar video out.
 
-Chromium is driven over the DevTools protocol with a plain websocket (no npm, no playwright); the page writes
-its getStats() numbers into ``#rtc-stats``.
+Chromium is driven over the DevTools protocol with a plain websocket (no npm, no playwright), through the same
+launcher ``engine bench sync --mode browser`` uses; the page writes its getStats() numbers into ``#rtc-stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import shutil
-import subprocess
 import wave
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 from test_server_double import FakeFactory, burst_signal
 
+from engine.lipsync_browser import open_page
 from streaming.server import ServerConfig, create_app
 from streaming.server.app import CLASSIC_BANNER
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 STATS_JS = "(document.getElementById('rtc-stats') || {}).textContent"  # null-safe while the page loads
-
-
-def chromium_binary() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "chromium is not installed (apt-get install chromium)"
-    return found
 
 
 def write_wav(path: Path, seconds: float) -> None:
@@ -44,82 +34,6 @@ def write_wav(path: Path, seconds: float) -> None:
         wav.writeframes(pcm.tobytes())
 
 
-class DevTools:
-    """Just enough of the Chrome DevTools protocol: evaluate JavaScript in the page."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = ws
-        self._next = 0
-
-    async def evaluate(self, expression: str) -> Any:
-        self._next += 1
-        await self._ws.send_json(
-            {
-                "id": self._next,
-                "method": "Runtime.evaluate",
-                "params": {"expression": expression, "returnByValue": True},
-            }
-        )
-        while True:
-            msg = await self._ws.receive_json(timeout=10)
-            if msg.get("id") == self._next:
-                result = msg["result"]
-                if "exceptionDetails" in result:
-                    raise AssertionError(f"page error: {result['exceptionDetails']}")
-                return result["result"].get("value")
-
-
-@contextlib.asynccontextmanager
-async def chromium(url: str, tmp_path: Path, wav: Path) -> AsyncIterator[DevTools]:
-    profile = tmp_path / "profile"
-    args = [
-        chromium_binary(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-        "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={profile}",
-        "--remote-debugging-port=0",
-        url,
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
-            await asyncio.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        async with aiohttp.ClientSession() as http:
-            page = None
-            for _ in range(100):
-                async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                    targets = await resp.json()
-                page = next((t for t in targets if t.get("type") == "page" and t["url"].startswith(url[:20])), None)
-                if page:
-                    break
-                await asyncio.sleep(0.1)
-            assert page, "no page target"
-            async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                yield DevTools(ws)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def test_page_receives_decoded_video(tmp_path: Path) -> None:
     wav = tmp_path / "voice.wav"
     write_wav(wav, 20.0)
@@ -129,7 +43,7 @@ async def test_page_receives_decoded_video(tmp_path: Path) -> None:
     await server.start_server()
     try:
         url = str(server.make_url("/")) + "?autostart=1&token=sesame"
-        async with chromium(url, tmp_path, wav) as page:
+        async with open_page(url, wav, tmp_path / "profile") as page:
             stats: dict[str, Any] = {}
             for _ in range(300):
                 raw = await page.evaluate(STATS_JS)
@@ -176,7 +90,7 @@ async def test_page_with_the_real_classic_runtime(tmp_path: Path) -> None:
     server = TestServer(create_app(factory, ServerConfig()), host="127.0.0.1", port=0)
     await server.start_server()
     try:
-        async with chromium(str(server.make_url("/")) + "?autostart=1", tmp_path, wav) as page:
+        async with open_page(str(server.make_url("/")) + "?autostart=1", wav, tmp_path / "profile") as page:
             stats: dict[str, Any] = {}
             for _ in range(300):
                 stats = json.loads(

@@ -13,18 +13,18 @@ from torch import Tensor
 
 from kernels import ops as kernel_ops
 
-KP_VARIANCE = 0.01  # Gaussian heatmap variance of kp2gaussian
+# one definition of the grid and the heatmap variance, shared with the kernels' twins
+from kernels.reference import KP_VARIANCE, coordinate_grid
 
-
-def coordinate_grid(d: int, h: int, w: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """``[d, h, w, 3]`` grid with last dim ordered (x, y, z), each axis spanning [-1, 1] voxel centre to centre."""
-
-    def axis(n: int) -> Tensor:
-        r = torch.arange(n, dtype=dtype, device=device)
-        return 2 * (r / (n - 1)) - 1
-
-    z, y, x = torch.meshgrid(axis(d), axis(h), axis(w), indexing="ij")  # each [d, h, w]
-    return torch.stack([x, y, z], dim=-1)
+__all__ = [
+    "KP_VARIANCE",
+    "coordinate_grid",
+    "deformation_from_mask",
+    "keypoint_heatmap",
+    "sparse_motion_input",
+    "sparse_motions",
+    "warp_volume",
+]
 
 
 def keypoint_heatmap(kp: Tensor, grid: Tensor) -> Tensor:
