@@ -155,6 +155,21 @@ def test_same_image_twice_shares_one_entry(tmp_path: Path) -> None:
     assert list((store.root / "entries").iterdir()) == []
 
 
+def test_re_adding_a_photo_with_new_landmarks_or_crop_is_not_ignored(tmp_path: Path) -> None:
+    store = AvatarStore()
+    photo = _photo(tmp_path / "one.png", seed=6)
+    store.add(prepare_avatar(photo, "plain", crop=(0, 0, 200, 200)))
+    assert store.get("plain").landmarks is None
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps([[20.0 + 2 * i, 40.0 + i] for i in range(68)]))
+    with_points = store.add(prepare_avatar(photo, "marked", crop=(0, 0, 200, 200), landmarks_file=points))
+    assert with_points.landmarks is not None and with_points.landmark_scheme == "ibug68"
+    assert store.get("plain").landmarks is not None  # same photo: one entry, prepared anew
+    recropped = store.add(prepare_avatar(photo, "marked", crop=(10, 10, 150, 150), landmarks_file=points))
+    assert not np.allclose(recropped.crop_to_image, with_points.crop_to_image)
+    assert len(list((store.root / "entries").iterdir())) == 1
+
+
 def test_name_conflicts_and_overwrite(tmp_path: Path) -> None:
     store = AvatarStore()
     store.add(prepare_avatar(_photo(tmp_path / "a.png", seed=1), "me", crop=(0, 0, 200, 200)))

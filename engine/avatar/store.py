@@ -163,15 +163,17 @@ class AvatarStore:
     def add(self, avatar: Avatar, *, overwrite: bool = False, info: Mapping[str, Any] | None = None) -> Avatar:
         """Store ``avatar`` under ``avatar.name``; returns it as read back from the store.
 
-        The same photo already stored (same hash) is shared: only new features are written. A name that
-        already refers to a different photo is an error unless ``overwrite``.
+        The same photo already stored (same hash) is shared: only new features are written. If it was prepared
+        differently this time (another crop, or landmarks it lacked), the entry is replaced, so a re-add with
+        ``--landmarks`` or ``--crop`` is never silently ignored; cached features of the old crop go with it.
+        A name that already refers to a different photo is an error unless ``overwrite``.
         """
         name = validate_name(avatar.name)
         old = self._hash_of(name)
         if old is not None and old != avatar.content_hash and not overwrite:
             raise AvatarError(f"an avatar named {name!r} already exists (a different image); remove it first")
         entry = self._entry(avatar.content_hash)
-        if entry.is_dir():
+        if entry.is_dir() and self._same_preparation(entry, avatar):
             for weights_id, features in avatar.features.items():
                 self.put_features(avatar.content_hash, weights_id, features)
         else:
@@ -226,6 +228,16 @@ class AvatarStore:
             for weights_id, features in avatar.features.items():
                 _write_features(tmp / "features" / _features_file(weights_id), weights_id, features)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    def _same_preparation(self, entry: Path, avatar: Avatar) -> bool:
+        meta = self._read_meta(entry)
+        if not np.allclose(np.asarray(meta["crop_to_image"]), avatar.crop_to_image, atol=1e-6):
+            return False
+        stored = meta.get("landmarks")
+        if avatar.landmarks is None or stored is None:
+            return avatar.landmarks is None and stored is None
+        stored_arr = np.asarray(stored)
+        return stored_arr.shape == avatar.landmarks.shape and bool(np.allclose(stored_arr, avatar.landmarks, atol=1e-3))
 
     def _read_meta(self, entry: Path) -> dict[str, Any]:
         path = entry / "meta.json"
