@@ -105,12 +105,22 @@ def check_writable(out: str | Path) -> Path:
 
 
 class Mp4Writer:
-    """``with Mp4Writer(out, fps, size) as w: w.video(rgb); w.audio(samples)`` -> ``out`` only on success."""
+    """``with Mp4Writer(out, fps, size) as w: w.video(rgb); w.audio(samples)`` -> ``out`` only on success.
 
-    def __init__(self, out: str | Path, fps: int, size: int, *, crf: int = 18, preset: str = "veryfast") -> None:
+    ``size``: the frames' side (square) or ``(width, height)``. H.264 in yuv420p needs even sides: an odd side
+    is padded by one pixel on the right / bottom, repeating the last column / row (nothing is cropped away).
+    """
+
+    def __init__(
+        self, out: str | Path, fps: int, size: int | tuple[int, int], *, crf: int = 18, preset: str = "veryfast"
+    ) -> None:
         self.out = check_writable(out)
         self.fps = fps
-        self.size = size + (size % 2)  # yuv420p needs even sizes
+        width, height = (size, size) if isinstance(size, int) else size
+        if width <= 0 or height <= 0:
+            raise ValueError(f"video size must be positive, got {width}x{height}")
+        self.frame_width, self.frame_height = width, height  # what video() accepts
+        self.width, self.height = width + width % 2, height + height % 2  # what is encoded
         self._crf = crf
         self._preset = preset
         self._tmp: Path | None = None
@@ -127,8 +137,8 @@ class Mp4Writer:
         try:
             container = av.open(name, mode="w", format="mp4")
             v = container.add_stream("libx264", rate=self.fps)
-            v.width = self.size
-            v.height = self.size
+            v.width = self.width
+            v.height = self.height
             v.pix_fmt = "yuv420p"
             v.codec_context.time_base = Fraction(1, self.fps)
             v.options = {"crf": str(self._crf), "preset": self._preset}
@@ -141,10 +151,14 @@ class Mp4Writer:
         return self
 
     def video(self, rgb: np.ndarray, index: int | None = None) -> None:
-        """Append a ``[S, S, 3]`` uint8 frame (pts = ``index``, default: the next one)."""
+        """Append a ``[height, width, 3]`` uint8 frame (pts = ``index``, default: the next one)."""
         assert self._container is not None
-        if rgb.shape[0] != self.size or rgb.shape[1] != self.size:
-            rgb = np.pad(rgb, ((0, self.size - rgb.shape[0]), (0, self.size - rgb.shape[1]), (0, 0)), mode="edge")
+        if rgb.shape[:2] != (self.height, self.width):
+            if rgb.shape[:2] != (self.frame_height, self.frame_width):
+                raise ValueError(
+                    f"expected a [{self.frame_height}, {self.frame_width}, 3] frame, got {list(rgb.shape)}"
+                )
+            rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts = self.frames if index is None else index
         frame.time_base = Fraction(1, self.fps)

@@ -55,6 +55,13 @@ logger = logging.getLogger(__name__)
     help="Backend the neural networks run on (eager, compile, onnxruntime, tensorrt; neural mode only).",
 )
 @click.option("--fps", type=click.IntRange(1, 120), default=25, show_default=True, help="Video frame rate.")
+@click.option(
+    "--paste-back/--no-paste-back",
+    default=True,
+    show_default=True,
+    help="Blend the talking face back into the original photo (the video gets the photo's size, an odd side "
+    "padded by one replicated pixel); --no-paste-back writes the square face crop.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def render(
     avatar_name: str | None,
@@ -68,6 +75,7 @@ def render(
     preset: str,
     backend: str,
     fps: int,
+    paste_back: bool,
     no_progress: bool,
 ) -> None:
     """Render a talking video from an audio file, as fast as the machine allows."""
@@ -98,7 +106,7 @@ def render(
         )
         check_writable(out)  # before any work: a bad --out must not cost a render
         audio = read_audio(audio_path)
-        result = asyncio.run(_render(config, audio, out, avatar_name, image, controls, no_progress))
+        result = asyncio.run(_render(config, audio, out, avatar_name, image, controls, paste_back, no_progress))
     except (MediaError, ConfigError, CheckpointError, FileNotFoundError, RuntimeBuildError) as exc:
         raise click.ClickException(str(exc)) from exc
     except ValueError as exc:  # bad image, unknown avatar, invalid control
@@ -107,7 +115,11 @@ def render(
         raise click.ClickException(f"rendering failed: {exc}") from exc
     if result.untrained:
         click.secho(f"WARNING: {UNTRAINED_MESSAGE}", fg="red", err=True)
-    click.echo(f"wrote {result.out}: {result.frames} frames at {result.fps} fps, {result.duration_s:.2f} s")
+    width, height = result.size
+    click.echo(
+        f"wrote {result.out}: {result.frames} frames of {width}x{height} at {result.fps} fps, "
+        f"{result.duration_s:.2f} s{' (pasted into the photo)' if result.pasted else ''}"
+    )
 
 
 async def _render(
@@ -117,6 +129,7 @@ async def _render(
     avatar_name: str | None,
     image: Path | None,
     controls: dict[str, Any],
+    paste_back: bool,
     no_progress: bool,
 ) -> RenderResult:
     from tqdm import tqdm
@@ -140,7 +153,14 @@ async def _render(
         total = frame_count(len(audio), fps)
         with tqdm(total=total, unit="frame", disable=no_progress, desc="render") as bar:
             result = await render_to_file(
-                runtime, audio, out, avatar=avatar, controls=controls or None, fps=fps, progress=bar.update
+                runtime,
+                audio,
+                out,
+                avatar=avatar,
+                controls=controls or None,
+                fps=fps,
+                progress=bar.update,
+                paste_back=paste_back,
             )
     finally:
         await runtime.aclose()
