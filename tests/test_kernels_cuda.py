@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_parity import ATOL, assert_warp_close
 from torch import Tensor
 
 from kernels import nvrtc, ops, reference
 
 pytestmark = pytest.mark.cuda
 
-ATOL = 1e-5
 DEVICE = "cuda"
 
 
@@ -49,23 +49,6 @@ def boundary_grid(b: int) -> Tensor:
     values = torch.tensor([-1.0, 1.0, -1.2, 1.2, -0.8, 0.0, 1.0 - 1e-7, -3.0, 1e30, -1e30])
     points = torch.cartesian_prod(values, values, values[:8])  # [N, 3]
     return points.reshape(1, 1, 1, -1, 3).expand(b, 1, 1, -1, 3).contiguous().to(DEVICE)
-
-
-def assert_warp_close(
-    out: Tensor, expected_out: Tensor, feature: Tensor, deformation: Tensor, expected_deformation: Tensor
-) -> None:
-    """Warp parity, stage by stage and end to end.
-
-    Deformations must agree to 1e-5 and the sampling at the kernel's own deformation to 1e-5. End to end, a
-    trilinear warp turns a coordinate difference into at most (size / 2 per axis) x (feature range) of output
-    difference, so ulp-level deformation differences (softmax rounding differs between implementations) may show
-    up magnified by exactly that bound on top of the 1e-5.
-    """
-    torch.testing.assert_close(deformation, expected_deformation, atol=ATOL, rtol=0)
-    torch.testing.assert_close(out, reference.grid_sample_3d(feature, deformation), atol=ATOL, rtol=0)
-    lipschitz = sum(s / 2 for s in feature.shape[2:]) * (feature.max() - feature.min()).item()
-    slack = (deformation - expected_deformation).abs().max().item() * lipschitz
-    torch.testing.assert_close(out, expected_out, atol=ATOL + slack, rtol=0)
 
 
 # (batch, channels, volume (D, H, W), keypoints); the last case is LivePortrait's dense-motion size
