@@ -105,12 +105,12 @@ def diffs(a: np.ndarray, b: np.ndarray, boxes: dict[str, Box]) -> dict[str, floa
 
 # emotion -> (region, least difference from neutral); measured default / astronaut in the comments
 EMOTION_EFFECTS = {
-    "angry": {"brows": 10.0, "eyes": 8.0},  # brows 28.7 / 34.4, eyes 19.0 / 19.9
-    "disgusted": {"brows": 6.0, "mouth": 4.0},  # brows 18.9 / 17.8, mouth 8.8 / 11.1
-    "fear": {"brows": 10.0, "eyes": 6.0, "mouth": 6.0},  # 33.6 / 23.7, 15.1 / 12.8, 15.3 / 15.1
-    "happy": {"mouth": 7.0, "eyes": 2.5},  # mouth 18.2 / 15.6, eyes (cheek raise) 6.7 / 6.2
+    "angry": {"brows": 10.0, "eyes": 8.0},  # brows 29.4 / 34.3, eyes 18.3 / 19.6
+    "disgusted": {"brows": 6.0, "mouth": 4.0},  # brows 18.9 / 17.8, mouth 8.6 / 11.4
+    "fear": {"brows": 10.0, "eyes": 5.0, "mouth": 6.0},  # 33.6 / 23.7, 12.6 / 10.1, 15.4 / 15.5
+    "happy": {"mouth": 7.0, "eyes": 2.5},  # mouth 17.9 / 16.0, eyes (cheek raise) 6.7 / 6.2
     "sad": {"brows": 8.0, "mouth": 4.0},  # brows 21.1 / 21.1, mouth 10.1 / 9.8
-    "surprised": {"brows": 12.0, "eyes": 6.0, "mouth": 9.0},  # 38.7 / 33.1, 15.3 / 15.2, 23.3 / 22.7
+    "surprised": {"brows": 12.0, "eyes": 5.0, "mouth": 9.0},  # 38.7 / 33.1, 13.0 / 12.0, 23.3 / 23.2
     "contempt": {"mouth": 2.5},  # mouth 5.5 / 7.6
 }
 STILL_REGIONS = {"happy": ("brows",), "contempt": ("brows", "eyes")}  # measured <= 0.42 levels
@@ -146,10 +146,10 @@ def test_contempt_is_one_sided(renderer: ClassicRenderer, default: PreparedAvata
 @pytest.mark.parametrize(
     ("state", "moves", "stays"),
     [
-        (still(mouth_emotion="happy"), {"mouth": 7.0}, ("brows", "eyes")),  # mouth 18.1 / 15.5, others <= 0.02
+        (still(mouth_emotion="happy"), {"mouth": 7.0}, ("brows", "eyes")),  # mouth 17.8 / 15.9, others <= 0.02
         (still(mouth_emotion="sad"), {"mouth": 4.0}, ("brows", "eyes")),  # mouth 10.1 / 9.8
-        (still(eyes_emotion="angry"), {"brows": 10.0, "eyes": 8.0}, ("mouth",)),  # 28.7 / 34.4, 19.0; mouth 0.04
-        (still(eyes_emotion="surprised"), {"brows": 12.0, "eyes": 6.0}, ("mouth",)),  # 38.7 / 33.1, 15.3; mouth 0
+        (still(eyes_emotion="angry"), {"brows": 10.0, "eyes": 8.0}, ("mouth",)),  # 29.4 / 34.3, 18.3; mouth 0.02
+        (still(eyes_emotion="surprised"), {"brows": 12.0, "eyes": 5.0}, ("mouth",)),  # 38.7 / 33.1, 13.0; mouth 0
     ],
 )
 def test_region_mixing_moves_only_its_region(
@@ -168,8 +168,8 @@ def test_interpolation_lies_between_the_two_emotions(renderer: ClassicRenderer, 
     happy, sad = last(renderer, default, still(emotion="happy")), last(renderer, default, still(emotion="sad"))
     half = last(renderer, default, still(emotion="happy", emotion_b="sad", mix=0.5))
     for region in ("brows", "mouth"):
-        full = diff(happy, sad, boxes[region])  # brows 21.1, mouth 22.0
-        to_happy, to_sad = diff(half, happy, boxes[region]), diff(half, sad, boxes[region])  # 14.9 / 14.9, 16.0 / 12.8
+        full = diff(happy, sad, boxes[region])  # brows 21.1, mouth 21.8
+        to_happy, to_sad = diff(half, happy, boxes[region]), diff(half, sad, boxes[region])  # 14.9 / 14.9, 15.6 / 12.6
         assert 0.3 * full < to_happy < 0.9 * full and 0.3 * full < to_sad < 0.9 * full, (region, full, to_happy, to_sad)
 
 
@@ -244,10 +244,10 @@ def test_blink_closes_the_eyes_and_opens_them_smoothly(renderer: ClassicRenderer
     open_area = _iris_pixels(render(renderer, default, frames[start - 1]), lm)
     areas = np.array([_iris_pixels(render(renderer, default, frames[start + k]), lm) for k in range(7)])
     closure = 1.0 - areas / open_area
-    # measured: 0.25, 0.93, 0.95, 0.85, 0.48, 0.08, 0.0 (frames of 40 ms)
+    # measured: 0.26, 1.0, 1.0, 0.97, 0.53, 0.07, 0.0 (frames of 40 ms)
     assert closure.max() >= 0.8
     shut = np.nonzero(closure >= 0.5)[0]
-    assert 2 <= len(shut) <= 4 and np.all(np.diff(shut) == 1)  # 80-160 ms nearly shut, in one piece
+    assert 2 <= len(shut) <= 5 and np.all(np.diff(shut) == 1)  # 80-200 ms mostly shut, in one piece
     assert closure[0] < closure.max() and closure[-1] < 0.1  # it closes over a frame and is open again by 280 ms
     nothing = motion(default, still(blink=False, blink_rate=2.0), n=40, seed=1)
     assert _iris_pixels(render(renderer, default, nothing[start + 1]), lm) == open_area
@@ -261,7 +261,7 @@ def test_blink_rate_zero_never_blinks_and_a_new_rate_applies_to_the_next_blink(
     open_area = _iris_pixels(last(renderer, default, still()), lm)
     frames = motion(default, still(blink=True, blink_rate=0.0), n=250)  # 10 s
     assert all(float(f.params.exp[0, [11, 15], 1].abs().max()) == 0.0 for f in frames)
-    assert all(_iris_pixels(render(renderer, default, f), lm) == open_area for f in frames[::25])
+    assert all(_iris_pixels(render(renderer, default, f), lm) == open_area for f in frames[::50])
 
     def first_blink(m: ClassicMotion, rows: int) -> float:
         frames = m.push(np.zeros((rows, 4), dtype=np.float32))
@@ -297,7 +297,7 @@ def test_gaze_moves_the_irises_only(renderer: ClassicRenderer, default: Prepared
     rest = last(renderer, default, still())
     moved = render(renderer, default, frames[k])
     d = diffs(moved, rest, boxes)
-    assert d["eyes"] >= 3.0  # measured 8.8
+    assert d["eyes"] >= 3.0  # measured 9.2
     assert d["brows"] < 0.05 and d["mouth"] < 0.05 and d["background"] < 0.05  # measured 0.0
 
     def iris_x(img: np.ndarray) -> float:

@@ -419,7 +419,7 @@ def mouth_layer(
     # upper teeth: hang from the upper lip, shorter and darker towards the corners, in the lip's shadow at the top
     t_up = torch.minimum(0.45 * gap, torch.full_like(gap, 0.085 * iod)) * (1 - (u / 0.8) ** 2).clamp_min(0).sqrt()
     a_tu = torch.sigmoid((t_up - b.below_top) / 0.6) * (t_up > 0.5).float()
-    lit = 0.62 + 0.23 * _smoothstep(b.below_top / (0.035 * iod))  # in the mouth's shade, darkest under the lip
+    lit = 0.7 + 0.22 * _smoothstep(b.below_top / (0.035 * iod))  # in the mouth's shade, darkest under the lip
     teeth_up = _color(TEETH_IVORY, warped) * light * corner_dark * lines * lit
     layer = layer * (1 - a_tu) + teeth_up * a_tu
     # the portrait's own interior on top: it rides on the lips (upper over lower where they overlap)

@@ -302,6 +302,5 @@ def solve_spline(centers: torch.Tensor, values: torch.Tensor) -> Spline:
 
 def eval_spline(spline: Spline, query: torch.Tensor) -> torch.Tensor:
     """Spline values at ``query [B, P, 2]`` -> ``[B, P, 2]``."""
-    phi = _phi(_sq_dist(query, spline.centers))  # [B, P, M]
-    poly = torch.cat([torch.ones_like(query[..., :1]), query], -1)  # [B, P, 3]
-    return phi @ spline.weights + poly @ spline.affine
+    phi = torch.cdist(query, spline.centers).pow_(3)  # [B, P, M] r^3, few passes over the big array
+    return torch.baddbmm(query @ spline.affine[:, 1:], phi, spline.weights) + spline.affine[:, :1]
