@@ -179,6 +179,14 @@ class ClassicRenderer:
         if crop.shape[:2] != (self.size, self.size):
             raise ValueError(f"avatar crop must be {self.size}x{self.size}, got {crop.shape[:2]}")
         landmarks = np.asarray(avatar.landmarks, dtype=np.float64)
+        if not np.isfinite(landmarks).all():
+            raise ValueError(f"avatar {avatar.name!r}: its landmarks contain NaN or infinite values")
+        eyes = float(np.linalg.norm(landmarks[42:48].mean(axis=0) - landmarks[36:42].mean(axis=0)))
+        if eyes < 8.0:
+            raise ValueError(
+                f"avatar {avatar.name!r}: the eyes of its landmarks are {eyes:.1f} px apart in the {self.size} px "
+                "crop; classic mode needs a face (eyes at least 8 px apart), check the landmarks"
+            )
         source = source_face(landmarks, self.size)
         iod = face_size(source)
         portrait = torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0)
@@ -255,6 +263,8 @@ class ClassicRenderer:
                 curves_d = eye_curves(lm_px[i], creases[i][pair], eye)
                 box = self._box(torch.cat([curves_d.lash, curves_d.lower, curves_d.crease]), 3.0)
                 x0, y0, x1, y1 = box
+                if x1 - x0 < 2 or y1 - y0 < 2:  # the eye left the frame
+                    continue
                 out[i, :, y0:y1, x0:x1] = eye_layer(
                     out[i, :, y0:y1, x0:x1],
                     s.portrait,
@@ -268,6 +278,8 @@ class ClassicRenderer:
                 )
             box = self._box(lm_px[i][60:68], 3.0)
             x0, y0, x1, y1 = box
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                continue
             scale = float(det[i].rsqrt())
             out[i, :, y0:y1, x0:x1] = mouth_layer(
                 out[i, :, y0:y1, x0:x1], s.portrait, s.mouth, lm_px[i], s.landmarks, scale,
