@@ -86,7 +86,11 @@ def _interp(xk: Tensor, yk: Tensor, x: Tensor) -> Tensor:
     """Piecewise-linear ``y(x)`` through knots (sorted here), clamped at the ends."""
     order = torch.argsort(xk)
     xk, yk = xk[order], yk[order]
-    idx = (x[..., None] >= xk).sum(-1).clamp(1, len(xk) - 1)  # a few dozen knots: cheaper than searchsorted
+    if x.device.type == "cpu":
+        # numpy's interp is one serial pass; the torch version is a handful of ops that each wake the thread pool
+        y = np.interp(x.detach().numpy(), xk.detach().numpy(), yk.detach().numpy())
+        return torch.from_numpy(y.astype(np.float32, copy=False)).to(x.dtype)
+    idx = torch.searchsorted(xk.contiguous(), x.contiguous()).clamp(1, len(xk) - 1)
     x0, x1, y0, y1 = xk[idx - 1], xk[idx], yk[idx - 1], yk[idx]
     t = ((x - x0) / (x1 - x0).clamp_min(1e-6)).clamp(0.0, 1.0)
     return y0 + t * (y1 - y0)
