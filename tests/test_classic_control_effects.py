@@ -328,7 +328,7 @@ def test_head_pose_fixed_holds_the_head_and_diffusion_sways_it(
 def test_pure_emotion_off_undoes_a_photo_smile(renderer: ClassicRenderer, astronaut, default) -> None:
     boxes = regions(astronaut)
     d = diffs(last(renderer, astronaut, still(pure_emotion=False)), last(renderer, astronaut, still()), boxes)
-    assert d["mouth"] >= 6.0 and d["brows"] < 1.0 and d["background"] < 0.5  # measured 13.6, 0.24, 0.07
+    assert d["mouth"] >= 6.0 and d["brows"] < 1.0 and d["background"] < 0.5  # measured 12.0, 0.17, 0.07
     same = diffs(last(renderer, default, still(pure_emotion=False)), last(renderer, default, still()), regions(default))
     assert max(same.values()) < 0.01  # the default face is already neutral: nothing to undo (measured 0.0)
 

@@ -140,17 +140,19 @@ def rest_offsets(keypoints: np.ndarray) -> np.ndarray:
     iod = float(np.linalg.norm((kp[15] + kp[16]) / 2 - (kp[11] + kp[13]) / 2))
     if iod <= 0:
         return np.zeros((NUM_KP, 2))
-    lip_mid = 0.5 * (kp[14, 1] + kp[17, 1])
-    rise = (lip_mid - 0.5 * (kp[6, 1] + kp[12, 1])) / iod  # > 0: corners above the midline
+    gap = (kp[17, 1] - kp[14, 1]) / iod
+    opening = max(0.0, gap - 0.03)
+    # where the lips will meet once closed (the lower lip does most of the moving), against the corners
+    seam = kp[14, 1] + 0.2 * max(0.0, gap) * iod
+    rise = (seam - 0.5 * (kp[6, 1] + kp[12, 1])) / iod  # > 0: corners above the seam
     smile = max(0.0, rise - 0.02)
-    opening = max(0.0, (kp[17, 1] - kp[14, 1]) / iod - 0.03)
     out = np.zeros((NUM_KP, 2))
     out[6] = (0.6 * smile, smile)  # corners down and back in
     out[12] = (-0.6 * smile, smile)
     cheek = min(smile / 0.065, 1.5)  # the smile's share of AU6
     out[[4, 5], 1] += 0.04 * cheek
     out[[13, 16], 1] += 0.02 * cheek
-    out[17, 1] -= 0.8 * opening  # lips together: mostly the lower lip rises
+    out[17, 1] -= 0.9 * opening  # lips together: mostly the lower lip rises
     out[14, 1] += 0.2 * opening
-    out[20, 1] -= 0.5 * opening
+    out[20, 1] -= 0.6 * opening
     return out

@@ -31,12 +31,15 @@ from engine.render.classic_layers import (
     eye_curves,
     eye_layer,
     eye_source,
+    lower_lip_layer,
     mouth_layer,
     mouth_source,
 )
 from engine.render.classic_mesh import ANCHORS, Spline, apply_affine, build_mesh, eval_spline, fit_affine, solve_spline
 
 SUPPORTED_SCHEMES = ("engine68", "ibug68")
+UPPER_INNER_LIP = (61, 62, 63)  # over LOWER_INNER_LIP
+LOWER_INNER_LIP = (67, 66, 65)
 LID_LANDMARKS = (37, 38, 43, 44)  # upper-lid landmarks, and the lower-lid ones below them, the lid keypoints
 LID_BELOW = (41, 40, 47, 46)
 LID_KEYPOINT = (11, 11, 15, 15)
@@ -233,6 +236,7 @@ class ClassicRenderer:
         ry = (torch.stack([s.wy for s in states]) @ res[..., 1:2])[..., 0]
         moved = apply_affine(aff, mesh) + torch.stack([rx, ry], -1)
         driven = torch.where(torch.stack([s.fixed for s in states])[..., None], mesh, moved)
+        wanted = driven
         driven = self._clamp_gaps(driven, states)
         spline = solve_spline(driven, mesh - driven)  # backward displacement at the driven points
 
@@ -242,8 +246,15 @@ class ClassicRenderer:
         flow = flow.contiguous()
         lm_px = [_to_px(driven[i, s.landmark_index], size) for i, s in enumerate(states)]
         lids, travel = self._full_lids(aff, res, lm_px, states)
-        for i in range(b):
+        lower = list(LOWER_INNER_LIP)
+        closing = []  # how far the warp held each lower lip below where the motion wants it (pixels)
+        for i, s in enumerate(states):
             lm_px[i][list(LID_LANDMARKS)] = lids[i]
+            want = _to_px(wanted[i, s.landmark_index[lower]], size)
+            upper = lm_px[i][list(UPPER_INNER_LIP)]
+            want[:, 1] = torch.maximum(want[:, 1], upper[:, 1] + MIN_LID_GAP_PX)  # lips meet, never cross
+            closing.append(float((lm_px[i][lower, 1] - want[:, 1]).max()))
+            lm_px[i][lower] = want
         creases = [_to_px(driven[i, s.creases], size) for i, s in enumerate(states)]
         for i, s in enumerate(states):
             # the lips part along a seam a few pixels wide: evaluate the spline there at half resolution
@@ -285,6 +296,13 @@ class ClassicRenderer:
                 out[i, :, y0:y1, x0:x1], s.portrait, s.mouth, lm_px[i], s.landmarks, scale,
                 s.iod * size / 2 / scale, box,
             )  # fmt: skip
+            if closing[i] > 0.05:  # the lower lip rises over what the warp left open
+                box = self._box(lm_px[i][48:68], 3.0)
+                x0, y0, x1, y1 = box
+                strength = min(1.0, closing[i] / 2.0)
+                out[i, :, y0:y1, x0:x1] = lower_lip_layer(
+                    out[i, :, y0:y1, x0:x1], s.portrait, lm_px[i], s.landmarks, strength, box
+                )
         return out.clamp_(0.0, 1.0)
 
     # --- internals ---

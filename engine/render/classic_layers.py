@@ -430,3 +430,40 @@ def mouth_layer(
     layer = photo_lo * a_lo + layer * (1 - a_lo)
     layer = photo_up * a_up + layer * (1 - a_up)
     return warped * (1 - alpha) + layer * alpha
+
+
+LOWER_LIP = ((60, 67, 66, 65, 64), (48, 59, 58, 57, 56, 55, 54))  # inner edge, outer edge (left -> right)
+
+
+def lower_lip_layer(
+    warped: Tensor,
+    portrait: Tensor,
+    driven: Tensor,
+    src_landmarks: Tensor,
+    strength: float,
+    box: tuple[int, int, int, int],
+) -> Tensor:
+    """Lay the portrait's lower lip between the driven inner and outer lower-lip curves (``driven [68, 2]``
+    pixels), so a mouth closes further than the warp may take it (the warp keeps lips that sit close above each
+    other from squeezing together). ``strength`` in [0, 1]; fades into the warp towards the outer lip border."""
+    if strength <= 1e-3:
+        return warped
+    size = portrait.shape[-1]
+    xs, ys = _grid(box)
+    inner, outer = list(LOWER_LIP[0]), list(LOWER_LIP[1])
+    b = band(driven[inner], driven[outer], xs, ys)
+    sf = opening_frame(src_landmarks[inner])
+    top_k, bot_k, s_half = curves(src_landmarks[inner], src_landmarks[outer], sf)
+    u = b.u
+    s_top, s_bot = _interp(top_k[0], top_k[1], u), _interp(bot_k[0], bot_k[1], u)
+    t = (b.below_top / b.gap.clamp_min(0.5)).clamp(0.0, 1.0)
+    ly = s_top + t * (s_bot - s_top)
+    lip = sample(portrait, sf.center + (u * s_half)[..., None] * sf.ex + ly[..., None] * sf.ey, size)
+    a = (
+        strength
+        * ramp(b.below_top, MOUTH_EDGE_PX)
+        * ramp(b.above_bottom, MOUTH_EDGE_PX)
+        * (1.0 - _smoothstep((t - 0.55) / 0.4))
+        * ramp((1.0 - u.abs()) * b.half, MOUTH_EDGE_PX)
+    )
+    return warped * (1 - a) + lip * a
