@@ -9,7 +9,9 @@
 
 Row ``i`` covers exactly audio ``[i * 640, (i + 1) * 640)``, so the jaw is not delayed by any analysis window.
 :class:`ClassicMotion` turns rows into :class:`MotionFrame` s. Expression offsets are in units of the avatar's
-inter-ocular distance (``face_size``) and touch only LIP (speech), EYE (blinks) and EMOTION (controls).
+inter-ocular distance (``face_size``): speech moves the LIP keypoints, blinks and gaze the lids (``EYE``), and
+emotions are facial action units (``engine.motion.facs``) on every keypoint but the rigid anchors the classic
+renderer fits the head pose to. Live controls: :meth:`ClassicMotion.apply_controls` (``docs/controls-classic.md``).
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""Weight-free warp-only renderer (classic mode): analytic dense flow from the 21 keypoints + a drawn mouth.
+"""Weight-free warp-only renderer (classic mode): a spline warp driven by the 21 keypoints, plus eye and mouth layers.
 
 Keypoints come from 68-point landmarks (``engine68`` / iBUG order) so the region sets of ``engine.keypoints``
 land on the matching facial parts: LIP on mouth corners, inner lip edges and chin, EYE on the lids and glabella,
 EMOTION adds the brows. Coordinates are normalised crop coordinates in [-1, 1] (x right, y down, z 0), the
 ``grid_sample(align_corners=False)`` convention, so pixel ``p`` maps to ``(2 p + 1) / S - 1``.
 
-Rendering: every keypoint carries an anisotropic Gaussian footprint; the backward flow at an output pixel is
-the weight-normalised sum of the keypoints' ``source - driving`` displacements, with a constant background
-weight that keeps far pixels still. The flow is evaluated at a low resolution and upsampled (it is smooth),
-then the portrait is grid-sampled. Inside the driven lip contour a mouth cavity (dark, with a teeth hint)
-is blended in proportion to the lip gap, so opening the jaw shows speech instead of stretched lips.
+Rendering (see ``docs/controls-classic.md``):
+
+* the head pose is an affine map fitted to rigid anchor keypoints; what is left of each keypoint's motion is
+  expression, which drives ~150 control points derived from the landmarks (``engine.render.classic_mesh``);
+* a polyharmonic spline through the driven control points is the backward warp, evaluated on a coarse grid and
+  upsampled, and at half resolution around the lips, where they part along a seam a few pixels wide;
+* in the driven eye and mouth openings, layers replace what a warp cannot show (``engine.render.classic_layers``):
+  an eyeball under sliding upper lids, and a mouth interior that keeps the photo's own teeth.
+
+With no motion the output is the portrait itself.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def opening_frame(upper: Tensor) -> Frame:
 
 
 def curves(upper: Tensor, lower: Tensor, frame: Frame) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense knots of both curves in ``frame``: ``(u [K], top [K], u2 [K2], bottom [K2])`` as two (u, y) pairs."""
+    """Both curves densified and put in ``frame``: ``(upper [2, K], lower [2, K], half)``, each row pair being the
+    across-opening coordinate ``u`` and the offset along ``frame.ey`` (pixels) of the curve's knots."""
     up, lo = _densify(upper), _densify(lower)
     rel_u, rel_l = up - frame.center, lo - frame.center
     return (

@@ -1,4 +1,4 @@
-"""The classic renderer's dense control mesh: ~120 points derived from 68 landmarks, driven by the 21 keypoints.
+"""The classic renderer's dense control mesh: ~150 points derived from 68 landmarks, driven by the 21 keypoints.
 
 The 21 classic keypoints (``engine.render.classic.keypoints_from_landmarks``) are the motion interface, but one
 point per brow or one per cheek cannot express facial action units (inner vs outer brow, cheek raise, nasolabial
