@@ -180,22 +180,18 @@ class MouthSource(NamedTuple):
 U_SPLIT = np.linspace(-1.0, 1.0, 33)
 
 
-def _full_grid(size: int) -> tuple[Tensor, Tensor]:
-    y, x = torch.meshgrid(
-        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
-    )
-    return x, y
-
-
 def _box(points: Tensor, margin: float, size: int) -> tuple[int, int, int, int]:
     lo, hi = points.min(0).values - margin, points.max(0).values + margin
     return (max(0, int(lo[0])), max(0, int(lo[1])), min(size, int(hi[0]) + 2), min(size, int(hi[1]) + 2))
 
 
-def _grid(box: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+def _grid(box: tuple[int, int, int, int], device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Pixel-centre coordinates ``(xs, ys) [H, W]`` of the window ``box`` = (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
     ys, xs = torch.meshgrid(
-        torch.arange(y0, y1, dtype=torch.float32), torch.arange(x0, x1, dtype=torch.float32), indexing="ij"
+        torch.arange(y0, y1, dtype=torch.float32, device=device),
+        torch.arange(x0, x1, dtype=torch.float32, device=device),
+        indexing="ij",
     )
     return xs, ys
 
@@ -319,7 +315,7 @@ def eye_layer(
     near the lashes, stretched or compressed above), clipped at the driven lower lid. ``lid_travel_px``: how far
     the lid moved from where the portrait has it."""
     size = portrait.shape[-1]
-    xs, ys = _grid(box)
+    xs, ys = _grid(box, warped.device)
     opening = band(driven.lash, driven.lower, xs, ys)
     out = warped
     # the lid layer reaches `reach` below the lash line; the eyeball starts 2 soft edges above that, so no strip
@@ -365,11 +361,8 @@ def mouth_layer(
 ) -> Tensor:
     """Composite the mouth interior into ``warped [3, H, W]`` (window ``box``). ``scale``: portrait pixels per
     output pixel; ``iod``: driven inter-ocular distance in output pixels."""
-    x0, y0, x1, y1 = box
     size = portrait.shape[-1]
-    ys, xs = torch.meshgrid(
-        torch.arange(y0, y1, dtype=torch.float32), torch.arange(x0, x1, dtype=torch.float32), indexing="ij"
-    )
+    xs, ys = _grid(box, warped.device)
     up_idx, lo_idx = list(INNER_MOUTH[0]), list(INNER_MOUTH[1])
     b = band(driven[up_idx], driven[lo_idx], xs, ys)
     alpha = opening_mask(b, MOUTH_EDGE_PX)
@@ -382,7 +375,7 @@ def mouth_layer(
     u = b.u
     s_top, s_bot = _interp(top_k[0], top_k[1], u), _interp(bot_k[0], bot_k[1], u)
     s_gap = (s_bot - s_top).clamp_min(0.0)
-    split = _interp(torch.as_tensor(U_SPLIT, dtype=torch.float32), source.split, u)
+    split = _interp(torch.as_tensor(U_SPLIT, dtype=torch.float32, device=u.device), source.split, u)
     h_up, h_lo = split * s_gap, (1 - split) * s_gap
     d_top, d_bot = b.below_top * scale, b.above_bottom * scale  # in portrait pixels
 
@@ -450,7 +443,7 @@ def lower_lip_layer(
     if strength <= 1e-3:
         return warped
     size = portrait.shape[-1]
-    xs, ys = _grid(box)
+    xs, ys = _grid(box, warped.device)
     inner, outer = list(LOWER_LIP[0]), list(LOWER_LIP[1])
     b = band(driven[inner], driven[outer], xs, ys)
     sf = opening_frame(src_landmarks[inner])
