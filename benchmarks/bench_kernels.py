@@ -31,6 +31,11 @@ from typing import Any
 
 import torch
 
+import kernels
+from engine.models import warping_ops
+from engine.models.warping import WarpingNetwork
+from kernels import ops, reference
+
 RESULTS_DIR = Path(__file__).parent / "results"
 BATCHES = (1, 8)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -74,9 +79,6 @@ def kernels_env(value: str) -> Iterator[None]:
 
 
 def bench_case(batch: int, dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, Any]:
-    from engine.models import warping_ops
-    from engine.models.warping import WarpingNetwork
-    from kernels import ops, reference
 
     gen = torch.Generator().manual_seed(0)
     device = torch.device("cuda")
@@ -140,7 +142,6 @@ def main() -> int:
             "bench_kernels: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr
         )
         return 2
-    import kernels
 
     reason = kernels.unavailable_reason()
     if reason is not None:

@@ -1,7 +1,7 @@
 """LivePortrait keypoint math: pose bins, rotation, keypoint transform, stitching and retargeting calls.
 
 Conventions are the reference implementation's (row vectors, ``R = (R_z R_y R_x)^T``,
-``x = s * (x_c R + delta) + (t_x, t_y, 0)``); see ``shared/golden/liveportrait.md`` section 6.
+``x = s * (x_c R + delta) + (t_x, t_y, 0)``); see ``docs/spec/liveportrait.md`` §6.
 Every function is batched and differentiable; nothing here owns weights.
 """
 
@@ -35,6 +35,14 @@ class MotionParams(NamedTuple):
     roll: Tensor  # [B] degrees
     t: Tensor  # [B, 3]
     exp: Tensor  # [B, 21, 3]
+
+
+class SourceFace(NamedTuple):
+    """An avatar's face in one renderer's keypoint space (what motion and keypoint stages need)."""
+
+    kp_canonical: Tensor  # [21, 3]
+    params: MotionParams  # batch 1: the portrait's own pose / expression
+    kp_source: Tensor  # [21, 3] transformed source keypoints
 
 
 def bins_to_degrees(logits: Tensor) -> Tensor:

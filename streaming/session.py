@@ -9,6 +9,11 @@ motion path) and the frame leaves with exactly that audio ``latency_s`` after th
 Offline (``realtime=False``) frames are committed as soon as their audio is complete, rendered as fast as
 possible and none is dropped. Every stage runs as its own task between bounded queues; the render worker is
 shared by all sessions of the process (:mod:`streaming.batching`).
+
+Controls: :meth:`Session.control` validates a message synchronously (the schema of
+:mod:`engine.motion.control_schema`, then the keys and values the motion stage honours), answers with the new
+state, and sends it as a :class:`~streaming.frames.Control` frame that the motion stage applies on its own thread
+after the audio that came before it. An interrupt travels the same way as an :class:`~streaming.frames.Interrupt`.
 """
 
 from __future__ import annotations
@@ -18,25 +23,25 @@ import contextlib
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.audio.pcm import MAX_PUSH_SECONDS, StreamingResampler
+from engine.audio.pcm import MAX_PUSH_SECONDS, SAMPLE_RATE, StreamingResampler
 from engine.config import ConfigError
 from engine.motion.base import FeatureStage, MotionStage
+from engine.motion.control_schema import Controllable, ControlState, ControlValueError, validate_control
 from engine.render.base import PreparedAvatar, Renderer
 from streaming.api import ControlError
 from streaming.batching import BatchRenderer, RenderJob, WorkerThread
 from streaming.clock import Clock, FrameSchedule, MonotonicClock, frame_bound
-from streaming.frames import SAMPLE_RATE, AudioChunk, EndOfStream, OutputAudio, VideoFrame
+from streaming.frames import AudioChunk, Control, Driven, EndOfStream, Interrupt, OutputAudio, VideoFrame
 from streaming.metrics import SessionMetrics
 from streaming.stages import (
     AudioTimeline,
-    Controllable,
-    Driven,
     DriveStep,
     FeatureStep,
     MotionStep,
@@ -106,6 +111,7 @@ class Session:
         config: SessionConfig | None = None,
         clock: Clock | None = None,
         session_id: str | None = None,
+        motion_name: str | None = None,
     ) -> None:
         self.config = cfg = config or SessionConfig()
         if features.fps != cfg.fps:
@@ -127,6 +133,10 @@ class Session:
         self.renderer = renderer
         self.prepared = prepared
         self.motion = motion
+        self.motion_name = motion_name or type(motion).__name__
+        self.controls_honoured = dict(motion.CONTROLS) if isinstance(motion, Controllable) else {}
+        self.control_state = ControlState()
+        self._system: deque[Control | Interrupt] = deque()  # sent to the stages ahead of the next audio
         self._features = FeatureStep(features)
         self._motion = MotionStep(motion, catch_up=self._catch_up if cfg.realtime else None)
         self._stage_thread = WorkerThread(f"{self.id}-stages") if cfg.offload else None
@@ -216,24 +226,35 @@ class Session:
         self._timeline.append(samples, self.clock.now())
         self._input.set()
 
-    def control(self, message: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(message, Mapping):
-            raise ControlError(f"a control message must be a JSON object, got {type(message).__name__}")
-        if not isinstance(self.motion, Controllable):
-            raise ControlError(f"the {type(self.motion).__name__} motion stage takes no controls")
+    def control(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``message`` now and return the new state; the motion stage applies it on its thread."""
+        if self._closed:
+            raise ControlError(f"{self.id} is closed")
         try:
-            state = self.motion.update_controls(dict(message))
-        except ControlError:
-            raise
-        except (ValueError, TypeError) as exc:
+            values = validate_control(message)
+            refused = sorted(set(values) - set(self.controls_honoured))
+            if refused:
+                raise ControlValueError(
+                    f"{', '.join(refused)}: not supported by the {self.motion_name} motion generator, which "
+                    f"honours {sorted(self.controls_honoured) or 'no controls'}"
+                )
+            state = self.control_state.apply(values)
+            if isinstance(self.motion, Controllable):
+                self.motion.check_controls(state)
+        except ControlValueError as exc:
             raise ControlError(str(exc)) from exc
-        return dict(state.as_dict()) if hasattr(state, "as_dict") else dict(state)
+        self.control_state = state
+        self._system.append(Control(state))
+        self._input.set()
+        return state.as_dict()
 
     def interrupt(self) -> None:
         """Barge-in: input not yet committed is forgotten, committed audio plays as silence, motion and frames in
         flight are dropped; the motion stage returns to idle on the next frame."""
         if self._closed:
             return
+        self._system.append(Interrupt())
+        self._input.set()
         self.generation += 1
         self._timeline.interrupt()
         self._interrupt_horizon = self._timeline.committed
@@ -324,6 +345,8 @@ class Session:
         return self._timeline.committed - 1
 
     async def _forward(self) -> None:
+        while self._system:
+            await self._q_audio.put((self.generation, self._system.popleft()))
         for frame in self._timeline.take_unforwarded():
             chunk = AudioChunk(frame.samples, frame_bound(frame.index, self.fps))
             await self._q_audio.put((self.generation, chunk))
@@ -341,6 +364,9 @@ class Session:
         else:
             while not tl.exhausted:
                 if tl.commit_ready() is None:
+                    if self._system:  # a control or interrupt with no new audio yet: it goes now
+                        await self._forward()
+                        continue
                     self._input.clear()
                     await self._input.wait()
                     continue

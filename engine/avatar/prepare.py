@@ -1,25 +1,22 @@
-"""Turning a user's portrait into an :class:`Avatar`: validate, find and crop the face, read landmarks, and run
-the appearance (F) and motion (M) extractors once so every later frame reuses their outputs."""
+"""Turning a user's portrait into an :class:`Avatar`: validate, find and crop the face, read landmarks.
+
+The neural features (F and M outputs) are computed by the neural renderer
+(:meth:`engine.render.neural.NeuralRenderer.compute_features`) and cached in the store per weights id."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cv2
 import numpy as np
-import torch
 
 from engine.avatar.face import FaceLocator
 from engine.avatar.geometry import apply_affine, invert_affine
 from engine.avatar.image import AvatarError, load_image
 from engine.avatar.record import Avatar
 from engine.paths import default_weights_dir
-
-if TYPE_CHECKING:
-    from engine.models.liveportrait import LivePortraitNets
 
 logger = logging.getLogger(__name__)
 
@@ -61,31 +58,9 @@ def read_landmarks(path: Path | str) -> tuple[np.ndarray, str]:
     return points, scheme or _SCHEMES_BY_COUNT.get(len(points), f"user{len(points)}")
 
 
-def _nets_input(crop: np.ndarray, size: int) -> torch.Tensor:
-    """[S, S, 3] uint8 -> [1, 3, size, size] float32 in [0, 1] (LivePortrait: bilinear resize, /255)."""
-    if crop.shape[0] != size:
-        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
-    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 255.0
-    return x.clamp_(0.0, 1.0)
-
-
-@torch.no_grad()
-def compute_features(nets: LivePortraitNets, crop: np.ndarray) -> dict[str, np.ndarray]:
-    """Run F and M once on the crop: ``{"feature_3d": [C, D, H, W], "kp", "pitch", "yaw", "roll", "t", "exp",
-    "scale"}`` (raw M head outputs, batch dimension dropped), float32."""
-    first = next(nets.appearance.parameters())
-    x = _nets_input(crop, nets.config.input_size).to(device=first.device, dtype=first.dtype)
-    features = {"feature_3d": nets.appearance(x)[0]}
-    motion = nets.motion(x)
-    for key, value in motion._asdict().items():
-        features[key] = value[0]
-    return {k: v.detach().float().cpu().numpy() for k, v in features.items()}
-
-
 def prepare_avatar(
     image_path: Path | str,
     name: str,
-    nets: LivePortraitNets | None = None,
     crop: tuple[int, int, int, int] | None = None,
     landmarks_file: Path | str | None = None,
     detectors_dir: Path | None = None,
@@ -93,8 +68,7 @@ def prepare_avatar(
 ) -> Avatar:
     """Everything computed once per portrait.
 
-    ``nets``: compute F/M features for these weights (stored under ``nets.weights_id``); None leaves
-    ``features`` empty (classic mode needs only the crop and landmarks). ``crop``: face region ``x, y, w, h``
+    ``crop``: face region ``x, y, w, h``
     in pixels, instead of detection. ``landmarks_file``: the user's landmarks in the photo's pixels (used
     instead of the detector's, and to place the crop when no detector finds the face). ``detectors_dir``:
     where the imported detector ONNX models are (default: the engine home's ``weights/liveportrait/detectors``).
@@ -109,7 +83,6 @@ def prepare_avatar(
         landmarks = apply_affine(invert_affine(face.crop_to_image), user_points).astype(np.float32)
         scheme = user_scheme
     logger.info("avatar %r: face by %s, landmarks %s", name, face.method, scheme or "none")
-    features = {nets.weights_id: compute_features(nets, face.crop)} if nets is not None else {}
     return Avatar(
         name=name,
         content_hash=loaded.content_hash,
@@ -118,5 +91,4 @@ def prepare_avatar(
         crop_to_image=face.crop_to_image,
         landmarks=landmarks,
         landmark_scheme=scheme,
-        features=features,
     )

@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from engine.avatar.default import default_portrait
 from engine.avatar.geometry import CROP_SIZE
 from engine.avatar.image import AvatarError
 from engine.avatar.record import Avatar
@@ -278,7 +279,6 @@ class AvatarStore:
 
 def _default_avatar() -> Avatar:
     """The drawn default portrait as an avatar; its hash is that of the raw pixels (there is no file)."""
-    from engine.avatar.default import default_portrait
 
     image, landmarks, scheme = default_portrait()
     h, w = image.shape[:2]

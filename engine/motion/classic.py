@@ -15,15 +15,19 @@ inter-ocular distance (``face_size``) and touch only LIP (speech), EYE (blinks) 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from engine.audio.pcm import SAMPLE_RATE
 from engine.keypoints import NUM_KP, MotionParams
 from engine.motion.base import MotionFrame
+from engine.motion.control_schema import ControlState
 
-SAMPLE_RATE = 16000
 DIM = 4
 DEFAULT_FACE_SIZE = 0.502  # inter-ocular distance of the default avatar (normalised units)
 
@@ -126,6 +130,13 @@ class ClassicMotion:
     indices are skipped, the session clock has moved on) and the jaw relaxes smoothly from where it was.
     """
 
+    CONTROLS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "emotion": "expression offsets of the emotion on brows, lids and mouth",
+            "intensity": "scales the emotion's offsets",
+        }
+    )
+
     def __init__(self, config: ClassicMotionConfig | None = None, face_size: float = DEFAULT_FACE_SIZE) -> None:
         self.config = config or ClassicMotionConfig()
         self.lookahead_frames = self.config.lookahead_frames
@@ -155,6 +166,12 @@ class ClassicMotion:
             target[k] = (dx * intensity, dy * intensity)
         self._emotion_target = target
         self._emotion_step = np.abs(target - self._emotion) / max(1, self.config.emotion_ramp_frames)
+
+    def check_controls(self, state: ControlState) -> None:
+        """Every value of the honoured keys is within reach (the schema's ranges are this stage's)."""
+
+    def apply_controls(self, state: ControlState) -> None:
+        self.set_emotion(state.emotion, state.intensity)
 
     # --- stage protocol ---
 

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.keypoints import NUM_KP, MotionParams
+from engine.keypoints import NUM_KP, MotionParams, SourceFace
 from engine.motion.base import MotionFrame
 from engine.motion.decode import MOTION_DIM, POSE_DIMS, MotionBounds, decode_motion
 from engine.motion.emotion import emotion_soft_label
 from engine.motion.samplers import DDIMSampler, guided_denoise, sample
 from engine.motion.samplers.guidance import MaskedDenoiser
 from engine.motion.schedule import cosine_alphas_cumprod
-from engine.render.base import SourceFace
 
 EMOTION_DIM = 8
 SOURCE_COND_DIM = 2 + 6 + NUM_KP * 3  # eye open, eye-ball move, source canonical keypoints
@@ -76,7 +75,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SourceCondition:
-    """The per-avatar part of Ditto's condition (§1.2): eye open ratio, eye-ball move, canonical keypoints.
+    """Per-avatar part of Ditto's condition (docs/spec/ditto.md §1.2): eye open ratio, eye-ball move, canonical kp.
 
     Without MediaPipe landmarks of the portrait the eye values default to an open, centred gaze.
     """

@@ -8,15 +8,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from engine.avatar.record import Avatar
-from engine.keypoints import MotionParams
-
-
-class SourceFace(NamedTuple):
-    """An avatar's face in one renderer's keypoint space (what motion and keypoint stages need)."""
-
-    kp_canonical: torch.Tensor  # [21, 3]
-    params: MotionParams  # batch 1: the portrait's own pose / expression
-    kp_source: torch.Tensor  # [21, 3] transformed source keypoints
+from engine.keypoints import MotionParams, SourceFace
 
 
 class PreparedAvatar(NamedTuple):

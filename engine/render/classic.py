@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.avatar.record import Avatar
-from engine.keypoints import NUM_KP, MotionParams, keypoints_from_params
-from engine.render.base import PreparedAvatar, SourceFace
+from engine.keypoints import NUM_KP, MotionParams, SourceFace, keypoints_from_params
+from engine.render.base import PreparedAvatar
 
 SUPPORTED_SCHEMES = ("engine68", "ibug68")
 

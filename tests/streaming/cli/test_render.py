@@ -1,0 +1,194 @@
+"""``engine render`` end to end: a playable mp4 with the right streams, frame count and durations; clear errors
+that leave no file behind."""
+
+from __future__ import annotations
+
+import math
+import os
+import wave
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from engine.avatar.default import default_portrait
+from engine.media import MediaError, Mp4Writer, read_audio
+from streaming.cli import main
+
+SR = 16_000
+
+
+def write_wav(path: Path, seconds: float, rate: int = SR, channels: int = 1, width: int = 2) -> np.ndarray:
+    """A voiced-ish test signal as PCM WAV; returns the float samples (first channel)."""
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    scale = {2: 32767, 4: 2**31 - 1}[width]
+    pcm = (x * scale).astype({2: "<i2", 4: "<i4"}[width])
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(pcm[:, None], channels, axis=1).tobytes())
+    return x.astype(np.float32)
+
+
+def probe(path: Path) -> dict[str, Any]:
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        a = c.streams.audio[0]
+        assert v.duration is not None and v.time_base is not None and v.average_rate is not None
+        assert a.duration is not None and a.time_base is not None
+        info: dict[str, Any] = {
+            "video_codec": v.codec_context.name,
+            "audio_codec": a.codec_context.name,
+            "width": v.codec_context.width,
+            "fps": float(v.average_rate),
+            "video_s": float(v.duration * v.time_base),
+            "audio_s": float(a.duration * a.time_base),
+            "audio_rate": a.codec_context.sample_rate,
+        }
+        info["frames"] = sum(1 for _ in c.decode(video=0))
+    return info
+
+
+def run(args: list[str]) -> Result:
+    return CliRunner().invoke(main, ["render", "--no-progress", *args], catch_exceptions=False)
+
+
+def leftovers(directory: Path) -> list[str]:
+    """What is in ``directory`` (the test's isolated engine home, which holds the default avatar, aside)."""
+    return sorted(p.name for p in directory.iterdir() if p.name != "engine-home")
+
+
+@pytest.mark.parametrize("seconds", [0.5])
+def test_render_default_avatar_neural_tiny(tmp_path: Path, seconds: float) -> None:
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, seconds, rate=22_050, channels=2)
+    out = tmp_path / "out" / "talk.mp4"
+    out.parent.mkdir()
+    result = run(["--audio", str(wav), "--out", str(out), "--mode", "neural", "--emotion", "happy"])
+    assert result.exit_code == 0, result.output
+    assert "untrained renderer weights" in result.output  # random weights are announced
+    info = probe(out)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
+    assert info["frames"] == math.ceil(seconds * 25)
+    assert info["fps"] == 25
+    assert info["video_s"] == pytest.approx(seconds, abs=0.041)
+    assert info["audio_s"] == pytest.approx(seconds, abs=0.07)  # AAC frames are 64 ms
+    assert leftovers(out.parent) == ["talk.mp4"]  # no temporary file left
+
+
+def test_render_default_mode_is_classic(tmp_path: Path) -> None:
+    # no imported weights: the default (auto) mode is the weight-free classic path, with the default avatar
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 1.1)
+    out = tmp_path / "talk.mp4"
+    result = run(["--audio", str(wav), "--out", str(out), "--emotion", "happy", "--intensity", "0.8"])
+    assert result.exit_code == 0, result.output
+    assert "untrained" not in result.output.lower()
+    info = probe(out)
+    assert info["frames"] == math.ceil(1.1 * 25) and info["width"] == 512
+    assert info["video_s"] == pytest.approx(1.1, abs=0.041)
+    assert info["audio_s"] == pytest.approx(1.1, abs=0.07)
+    # a bad control is a clear error and leaves nothing behind
+    bad = tmp_path / "bad.mp4"
+    result = run(["--audio", str(wav), "--out", str(bad), "--emotion", "furious"])
+    assert result.exit_code != 0 and "furious" in result.output
+    assert not bad.exists() and leftovers(tmp_path) == ["talk.mp4", "voice.wav"]
+
+
+def test_render_from_image(tmp_path: Path) -> None:
+    img, _, _ = default_portrait()
+    photo = np.full((700, 600, 3), 200, np.uint8)
+    photo[100:612, 44:556] = img
+    image = tmp_path / "me.png"
+    cv2.imwrite(str(image), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    wav = tmp_path / "v.wav"
+    write_wav(wav, 0.3)
+    out = tmp_path / "me.mp4"
+    result = run(["--image", str(image), "--audio", str(wav), "--out", str(out), "--mode", "neural", "--fps", "25"])
+    assert result.exit_code == 0, result.output
+    info = probe(out)
+    assert info["frames"] == math.ceil(0.3 * 25)
+
+
+def test_missing_audio_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "x.mp4"
+    result = run(["--audio", str(tmp_path / "nope.wav"), "--out", str(out), "--mode", "neural"])
+    assert result.exit_code != 0
+    assert "nope.wav" in result.output and "not found" in result.output
+    assert leftovers(tmp_path) == []
+
+
+def test_unreadable_audio_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"this is not audio at all" * 10)
+    result = run(["--audio", str(bad), "--out", str(tmp_path / "x.mp4"), "--mode", "neural"])
+    assert result.exit_code != 0
+    assert "noise.wav" in result.output and "cannot decode audio" in result.output
+    assert leftovers(tmp_path) == ["noise.wav"]
+
+
+def test_bad_image_leaves_no_file(tmp_path: Path) -> None:
+    wav = tmp_path / "v.wav"
+    write_wav(wav, 0.2)
+    image = tmp_path / "face.png"
+    image.write_bytes(b"not a png")
+    out = tmp_path / "x.mp4"
+    result = run(["--image", str(image), "--audio", str(wav), "--out", str(out), "--mode", "neural"])
+    assert result.exit_code != 0
+    assert "face.png" in result.output
+    assert leftovers(tmp_path) == ["face.png", "v.wav"]
+
+
+def test_unwritable_output_directory(tmp_path: Path) -> None:
+    wav = tmp_path / "v.wav"
+    write_wav(wav, 0.2)
+    result = run(["--audio", str(wav), "--out", str(tmp_path / "missing" / "x.mp4"), "--mode", "neural"])
+    assert result.exit_code != 0 and "does not exist" in result.output
+    result = run(["--audio", str(wav), "--out", str(tmp_path), "--mode", "neural"])
+    assert result.exit_code != 0 and "is a directory" in result.output
+    # a directory nobody may write into (root ignores permission bits: /proc refuses new files even to root)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        target = locked if not os.access(locked, os.W_OK) else Path("/proc")
+        result = run(["--audio", str(wav), "--out", str(target / "x.mp4"), "--mode", "neural"])
+        assert result.exit_code != 0 and "not writable" in result.output
+        assert not (target / "x.mp4").exists()
+    finally:
+        locked.chmod(0o700)
+    assert leftovers(locked) == []
+
+
+def test_avatar_and_image_together_is_a_usage_error(tmp_path: Path) -> None:
+    result = run(["--avatar", "a", "--image", "b.png", "--audio", "c.wav", "--out", str(tmp_path / "x.mp4")])
+    assert result.exit_code != 0 and "either --avatar or --image" in result.output
+
+
+def test_writer_failure_leaves_no_partial_file(tmp_path: Path) -> None:
+    out = tmp_path / "v.mp4"
+    with pytest.raises(RuntimeError, match="boom"), Mp4Writer(out, 25, 16) as w:
+        w.video(np.zeros((16, 16, 3), np.uint8))
+        raise RuntimeError("boom")
+    assert leftovers(tmp_path) == []
+
+
+def test_read_audio_formats(tmp_path: Path) -> None:
+    x = write_wav(tmp_path / "a.wav", 0.5, rate=SR, width=4)
+    np.testing.assert_allclose(read_audio(tmp_path / "a.wav"), x, atol=1e-6)
+    y = read_audio(_write_wav_48k(tmp_path / "b.wav"))
+    assert abs(y.size - SR // 2) <= 2
+    with pytest.raises(MediaError, match="empty"):
+        write_wav(tmp_path / "c.wav", 0.0)
+        read_audio(tmp_path / "c.wav")
+
+
+def _write_wav_48k(path: Path) -> Path:
+    write_wav(path, 0.5, rate=48_000, channels=2)
+    return path
