@@ -45,6 +45,15 @@ class SourceFace(NamedTuple):
     kp_source: Tensor  # [21, 3] transformed source keypoints
 
 
+def rest_lips(params: MotionParams, rest: MotionParams, weight: float) -> MotionParams:
+    """``params`` with the LIP keypoints' expression moved ``weight`` (0..1) of the way to ``rest``'s: the mouth
+    closes to the portrait's own, the head and the other keypoints stay (used to end speech on an interrupt)."""
+    lips = list(LIP)
+    exp = params.exp.clone()  # [B, 21, 3]
+    exp[:, lips] = exp[:, lips] + weight * (rest.exp[:, lips].to(exp) - exp[:, lips])
+    return params._replace(exp=exp)
+
+
 def bins_to_degrees(logits: Tensor) -> Tensor:
     """66 pose-bin logits -> degrees: ``softmax . arange(66) * 3 - 97.5``; ``[..., 66] -> [...]``."""
     if logits.shape[-1] != NUM_BINS:

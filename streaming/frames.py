@@ -54,6 +54,8 @@ class VideoFrame:
     fps: int
     rgb: np.ndarray  # [H, W, 3] uint8
     created: float = 0.0  # monotonic time the frame left the renderer (for latency metrics)
+    repeated: bool = False  # the same picture as the slot before: the renderer was late for this slot
+    lag: int = 0  # slots between this picture's own frame and this one (0: its own; > 0: a late or repeated one)
 
     @property
     def pts(self) -> float:

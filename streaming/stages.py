@@ -19,6 +19,7 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
+from engine.keypoints import MotionParams
 from engine.motion.base import FeatureStage, MotionFrame, MotionStage
 from engine.motion.control_schema import Controllable
 from engine.render.base import PreparedAvatar, Renderer
@@ -235,16 +236,34 @@ class MotionStep:
 
 
 class DriveStep:
-    """MotionOut -> Driven: the renderer's keypoint path (rotation, expression, stitching) for one avatar."""
+    """MotionOut -> Driven: the renderer's keypoint path (rotation, expression, stitching) for one avatar.
 
-    def __init__(self, renderer: Renderer, prepared: PreparedAvatar) -> None:
+    The motion of the frames it drove is kept (``params``, the newest ``keep`` frames) so an interrupt can re-drive
+    the frames already in flight with the mouth closing instead of throwing them away."""
+
+    def __init__(self, renderer: Renderer, prepared: PreparedAvatar, keep: int = 64) -> None:
         self.renderer = renderer
         self.prepared = prepared
+        self.keep = keep
+        self.params: dict[int, MotionParams] = {}
+
+    def drive_params(self, index: int, params: MotionParams) -> Driven:
+        with torch.inference_mode():
+            kp = self.renderer.drive(self.prepared, params)  # [1, 21, 3]
+        return Driven(index, kp.reshape(1, -1, 3))
 
     def drive(self, motion: MotionFrame) -> Driven:
-        with torch.inference_mode():
-            kp = self.renderer.drive(self.prepared, motion.params)  # [1, 21, 3]
-        return Driven(motion.frame_index, kp.reshape(1, -1, 3))
+        self.params[motion.frame_index] = motion.params
+        for old in [k for k in self.params if k <= motion.frame_index - self.keep]:
+            del self.params[old]
+        return self.drive_params(motion.frame_index, motion.params)
+
+    def motion_at(self, index: int) -> MotionParams:
+        """The motion driven for ``index``, else the newest one before it, else the portrait's own."""
+        if index in self.params:
+            return self.params[index]
+        earlier = [k for k in self.params if k < index]
+        return self.params[max(earlier)] if earlier else self.prepared.source.params
 
     def process(self, frame: Frame, stale: bool, generation: int) -> list[Frame]:
         if isinstance(frame, MotionOut):

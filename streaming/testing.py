@@ -28,7 +28,7 @@ import torch
 
 from engine.audio.pcm import SAMPLE_RATE, resample
 from engine.avatar.record import Avatar
-from engine.keypoints import NUM_KP, MotionParams, SourceFace, keypoints_from_params
+from engine.keypoints import LIP, NUM_KP, MotionParams, SourceFace, keypoints_from_params
 from engine.models.liveportrait import LivePortraitNets
 from engine.motion.base import MotionFrame
 from engine.motion.control_schema import ControlState, ControlValueError, validate_control
@@ -199,6 +199,9 @@ class FakeFactory:
             "emotions": list(EMOTIONS),
         }
 
+    def metrics(self) -> dict[str, float]:
+        return {"render_calls": float(sum(s._frame for s in self.sessions))}
+
     async def open_session(self) -> LiveSession:
         session = FakeSession(f"s{len(self.sessions)}", fps=self.fps, size=self.size, untrained=self.untrained)
         self.sessions.append(session)
@@ -308,7 +311,7 @@ class MouthMotion:
             value = (1 - w) * self._from + w * value
         self._last = value
         exp = torch.zeros(1, NUM_KP, 3)
-        exp[0, :, 1] = value
+        exp[0, list(LIP), 1] = value  # the mouth: the lip keypoints open by the value
         params = MotionParams(
             scale=torch.ones(1, 1),
             pitch=torch.zeros(1),
@@ -341,7 +344,8 @@ class MouthMotion:
         # map the stage's numbering back onto its clock
         self._pushed = self._next
         self._rows.clear()
-        self._from = self._last
+        # the next frames start from rest (what engine motion stages do: the session closes the frames in flight)
+        self._from = 0.0
         self._eased = 0
 
 
@@ -349,17 +353,29 @@ class PatternRenderer:
     """Renderer: each frame is a deterministic function of its own keypoints only (so batching cannot change it).
 
     Pixel ``(i, j)`` of channel ``c`` is ``sigmoid(kp.sum() * (c + 1) / 40 + (i - j) / size)``. With a clock,
-    each render call costs ``cost_s`` per frame on it (a slow GPU on a simulated clock).
+    each render call costs ``call_cost_s + cost_s * batch`` on it (``call_cost_s`` > 0: GPU-like, a fixed cost per
+    call; ``cost_s`` alone: CPU-like), plus any one-off stall queued with :meth:`stall` (a GC pause, a stopped
+    process). Both costs may be changed while sessions run. :meth:`render` spends that time holding the caller
+    (a render on the event loop's own thread); :meth:`render_async` lets the loop run meanwhile, as a GPU or a
+    render thread does (what the render worker uses when it renders inline).
     """
 
     name = "pattern"
 
-    def __init__(self, size: int = 8, cost_s: float = 0.0, clock: Clock | None = None) -> None:
+    def __init__(
+        self, size: int = 8, cost_s: float = 0.0, clock: Clock | None = None, call_cost_s: float = 0.0
+    ) -> None:
         self.size = size
         self.untrained = False
         self.cost_s = cost_s
+        self.call_cost_s = call_cost_s
         self.clock = clock
         self.calls: list[int] = []  # batch size of every render call
+        self._stalls: list[float] = []
+
+    def stall(self, seconds: float) -> None:
+        """The next render call takes ``seconds`` longer (on the simulated clock)."""
+        self._stalls.append(seconds)
 
     def prepare(self, avatar: Avatar) -> PreparedAvatar:
         kp = torch.linspace(-0.5, 0.5, NUM_KP * 3).reshape(NUM_KP, 3)
@@ -374,9 +390,26 @@ class PatternRenderer:
     def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
         b = kp_driving.shape[0]
         assert len(prepared) == b
+        cost = self._cost(b)
+        if self.clock is not None and cost:
+            self.clock.spend(cost)
+        return self._image(kp_driving)
+
+    async def render_async(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
+        b = kp_driving.shape[0]
+        assert len(prepared) == b
+        cost = self._cost(b)
+        image = self._image(kp_driving)
+        if self.clock is not None and cost:
+            await self.clock.sleep_until(self.clock.now() + cost)
+        return image
+
+    def _cost(self, b: int) -> float:
         self.calls.append(b)
-        if self.clock is not None and self.cost_s:
-            self.clock.spend(self.cost_s * b)
+        return self.call_cost_s + self.cost_s * b + (self._stalls.pop(0) if self._stalls else 0.0)
+
+    def _image(self, kp_driving: torch.Tensor) -> torch.Tensor:
+        b = kp_driving.shape[0]
         s = self.size
         ramp = (torch.arange(s)[:, None] - torch.arange(s)[None, :]).float() / s  # [S, S]
         out = []

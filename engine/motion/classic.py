@@ -108,7 +108,7 @@ class ClassicFeatures:
 @dataclass(frozen=True)
 class ClassicMotionConfig:
     fps: int = 25
-    lookahead_frames: int = 2  # rows past frame i used to open the mouth ahead of a sound onset
+    lookahead_frames: int = 1  # rows past frame i used to open the mouth ahead of a sound onset (only i + 1 is read)
     seed: int = 0
     jaw_gain: float = 0.20  # full jaw drop (lower lip travel) in inter-ocular units
     attack: float = 0.75  # one-pole smoothing towards a louder target (per frame)
@@ -187,8 +187,12 @@ class ClassicMotion:
         return self._emit(len(self._rows))
 
     def interrupt(self) -> None:
+        """Drop the rows not yet emitted; the next frames start from a closed mouth (the session eases the frames
+        already in flight to rest, so there is no jump)."""
         self._next += len(self._rows)
         self._rows = np.zeros((0, DIM), dtype=np.float32)
+        self._jaw = 0.0
+        self._width = 0.0
 
     # --- internals ---
 

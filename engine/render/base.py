@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -31,3 +31,11 @@ class Renderer(Protocol):
     def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
         """One frame per avatar in ``prepared`` (a batch may mix sessions) -> ``[B, 3, size, size]`` in [0, 1]."""
         ...
+
+
+@runtime_checkable
+class AsyncRenderer(Protocol):
+    """A renderer whose work runs elsewhere (a GPU stream, a simulated device) and can be awaited without holding
+    the event loop; the render worker prefers it to a thread when it renders inline."""
+
+    async def render_async(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor: ...

@@ -158,8 +158,7 @@ async def test_render_worker_drops_jobs_that_cannot_be_on_time_and_batches_the_r
     clock.start()
     renderer = PatternRenderer(cost_s=0.01, clock=clock)
     worker = BatchRenderer(renderer, clock, BatchConfig(max_batch=4, threaded=False))
-    worker.frame_time = 0.01  # as if measured already
-    worker.batches = 1
+    worker.cost.update(1, 0.01)  # as if measured already: 10 ms a frame
     delivered: list[int] = []
     dropped: list[int] = []
     prepared = renderer.prepare(tiny_avatar())
@@ -176,11 +175,16 @@ async def test_render_worker_drops_jobs_that_cannot_be_on_time_and_batches_the_r
     for i, deadline in enumerate([now - 1, now + 0.005, now + 1, now + 1, now + 1]):
         await slot.submit(RenderJob(i, 0, kp, deadline))
     await clock.sleep_until(now + 0.5)
-    assert dropped == [0, 1]  # past, and too soon for even one render
+    assert dropped == [0, 1]  # past, and too soon for even one render: skipped for the fresher ones
     assert delivered == [2, 3, 4] and renderer.calls == [3]  # the rest in one batch
+    # jobs that all miss their deadline: the newest is still rendered (the estimate never stops a session)
+    for i, deadline in enumerate([now + 0.5, now + 0.5, now + 0.5], start=5):
+        await slot.submit(RenderJob(i, 0, kp, deadline))
+    await clock.sleep_until(now + 1.0)
+    assert dropped[2:] == [5, 6] and delivered[-1] == 7 and worker.late == 1
     # a full live queue drops its oldest job instead of blocking the session
     for i in range(10, 20):
         await slot.submit(RenderJob(i, 0, kp, math.inf))
-    assert dropped[2:4] == [10, 11]
+    assert dropped[-2:] == [10, 11]
     await worker.aclose()
     await clock.aclose()

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from streaming.api import SessionFactory
-from streaming.prometheus import render_metrics
+from streaming.prometheus import render_metrics, session_totals
 from streaming.transports.webrtc.config import ServerConfig
 from streaming.transports.webrtc.peer import OfferError, Peer
 from streaming.transports.websocket import websocket_ingest
@@ -42,6 +42,7 @@ class AvatarServer:
         self.config = config
         self.peers: dict[str, Peer] = {}
         self._reserved = 0  # slots taken by sessions still being negotiated
+        self.closed_totals: dict[str, float] = {}
         self.counters: dict[str, float] = {
             "sessions_opened_total": 0,
             "sessions_closed_total": 0,
@@ -60,6 +61,9 @@ class AvatarServer:
         if self.peers.get(peer.id) is peer:
             del self.peers[peer.id]
             self.counters["sessions_closed_total"] += 1
+            # the session's counters stay in the server's totals after it ends (counters never go back)
+            for key, value in session_totals(peer.snapshot()).items():
+                self.closed_totals[key] = self.closed_totals.get(key, 0.0) + value
 
     async def open_peer(self, offer_sdp: str) -> tuple[Peer, str]:
         """Reserve a slot, open a session and answer ``offer_sdp``; raises web.HTTPException on failure."""
@@ -204,7 +208,9 @@ async def metrics(request: web.Request) -> web.Response:
     values = dict(server.counters)
     values["sessions_active"] = len(server.peers)
     values["sessions_max"] = server.config.max_sessions
-    text = render_metrics(values, [p.snapshot() for p in server.peers.values()])
+    text = render_metrics(
+        values, [p.snapshot() for p in server.peers.values()], server.closed_totals, server.factory.metrics()
+    )
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-cache"})
 
 

@@ -20,6 +20,7 @@ from aiortc.sdp import SessionDescription
 
 from streaming.api import LiveSession
 from streaming.control import handle_control_text
+from streaming.metrics import VIDEO_STATES
 from streaming.pacing import SessionClock
 from streaming.transports.webrtc.config import ServerConfig
 from streaming.transports.webrtc.tracks import (
@@ -57,6 +58,16 @@ def _codec_preferences(kind: str, names: tuple[str, ...]) -> list[Any]:
     chosen = [c for name in names for c in capabilities if c.mimeType.lower() == f"{kind}/{name}".lower()]
     chosen += [c for c in capabilities if c.mimeType.lower() == f"{kind}/rtx"]
     return chosen
+
+
+def same_stream(*senders: RTCRtpSender) -> None:
+    """Announce the senders' tracks as one MediaStream (one ``msid`` stream id in the SDP): a browser lip-syncs
+    the audio and video of one stream from their RTCP sender reports, and plays tracks of different streams
+    independently (it then keeps audio longer in its jitter buffer than video). aiortc gives every sender its
+    own random stream id and has no API to share one, so the id is set here."""
+    stream_id = senders[0]._stream_id
+    for sender in senders[1:]:
+        sender._stream_id = stream_id
 
 
 def _latency_ms(session_metrics: dict[str, float], fallback_ms: float) -> float:
@@ -106,6 +117,7 @@ class Peer:
         if "audio" in kinds:
             audio = self.pc.addTransceiver(self.audio, direction="sendrecv")
             self._prefer(audio, _codec_preferences("audio", ("opus",)))
+            same_stream(video.sender, audio.sender)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             await self.pc.setLocalDescription(await self.pc.createAnswer())
@@ -229,6 +241,10 @@ class Peer:
             "session": self.name,
             "connection": self.pc.connectionState,
             "fps": round(self.stats.fps(), 2),
+            # new pictures per second (what a viewer sees change) and the state of the video
+            "video_fps": round(session_metrics.get("fps", 0.0), 2),
+            "video_state": VIDEO_STATES[int(session_metrics.get("video_state", 0.0))],
+            "video_repeated": self.stats.video_repeated,
             "latency_ms": round(_latency_ms(session_metrics, send_latency_ms), 1),
             "send_latency_ms": round(send_latency_ms, 1),
             "video_sent": self.stats.video_sent,

@@ -39,6 +39,7 @@ class TrackStats:
     """Transport-side counters of one peer (read by /metrics and the stats pushed to the page)."""
 
     video_sent: int = 0
+    video_repeated: int = 0  # sent frames that repeated the previous picture (the session was late)
     video_dropped: int = 0
     audio_frames_sent: int = 0
     audio_late_samples: int = 0  # output audio that arrived after its slot was already sent (as silence)
@@ -97,6 +98,7 @@ class SessionVideoTrack(MediaStreamTrack):
             out.pts = frame.frame_index * VIDEO_CLOCK_RATE // frame.fps
             out.time_base = Fraction(1, VIDEO_CLOCK_RATE)
             self._stats.on_video_sent(frame.created)
+            self._stats.video_repeated += int(frame.repeated)
             return out
 
 

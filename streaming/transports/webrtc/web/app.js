@@ -63,9 +63,12 @@ function onChannelMessage(event) {
   }
   if (data.type === "stats") {
     live.serverFps = data.fps;
+    live.videoFps = data.video_fps;
+    live.videoState = data.video_state;
     live.latencyMs = data.latency_ms;
-    $("server-fps").textContent = data.fps.toFixed(1);
+    $("server-fps").textContent = `${data.video_fps.toFixed(1)} new / ${data.fps.toFixed(1)} sent`;
     $("latency").textContent = `${Math.round(data.latency_ms)} ms`;
+    showVideoState(data.video_state, data.video_fps);
   } else if (data.type === "ack") {
     live.acks += 1;
     setStatus("control applied");
@@ -74,6 +77,17 @@ function onChannelMessage(event) {
     setStatus(`control rejected: ${data.message}`, true);
   }
   publish();
+}
+
+function showVideoState(state, fps) {
+  // the server repeats its last picture when rendering falls behind; say so instead of looking normal
+  const notice = $("video-state");
+  notice.hidden = state === "ok" || !state;
+  notice.textContent =
+    state === "stalled"
+      ? "video stalled: the server is not rendering new pictures (audio continues)"
+      : `video degraded: ${fps.toFixed(1)} new pictures/s, the server is slower than real time`;
+  notice.classList.toggle("error", state === "stalled");
 }
 
 function publish() {

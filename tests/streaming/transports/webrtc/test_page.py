@@ -72,10 +72,10 @@ async def test_page_receives_decoded_video(tmp_path: Path) -> None:
                 "document.getElementById('emotion').dispatchEvent(new Event('change'))"
             )
             for _ in range(50):
-                if session.state["emotion"] == "sad":
+                if session.control_state.emotion == "sad":
                     break
                 await asyncio.sleep(0.1)
-            assert session.state["emotion"] == "sad"
+            assert session.control_state.emotion == "sad"
             assert np.isfinite(stats["latencyMs"])
     finally:
         await server.close()
