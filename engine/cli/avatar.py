@@ -55,7 +55,7 @@ def add(
 ) -> None:
     """Prepare IMAGE (face crop, landmarks, appearance/motion features) and store it as NAME."""
     from engine.avatar.face import parse_crop
-    from engine.avatar.prepare import prepare_avatar
+    from engine.avatar.prepare import MissingLandmarksError, prepare_avatar
     from engine.avatar.store import DEFAULT_NAME, AvatarStore, validate_name
     from engine.models import liveportrait
     from engine.paths import default_weights_dir
@@ -74,14 +74,29 @@ def add(
             click.secho(f"WARNING: {message}", fg="red", bold=True, err=True)
         detectors = (weights_dir or default_weights_dir()) / "detectors"
         prepared = prepare_avatar(
-            image, name, nets=nets, crop=crop, landmarks_file=landmarks_file, detectors_dir=detectors
+            image,
+            name,
+            nets=nets,
+            crop=crop,
+            landmarks_file=landmarks_file,
+            detectors_dir=detectors,
+            # without imported weights, rendering runs in classic mode, which needs 68 landmarks: fail now
+            require_classic=nets.untrained,
         )
         stored = AvatarStore().add(prepared, overwrite=replace)
+    except MissingLandmarksError as exc:
+        raise click.ClickException(
+            f"{exc}; classic mode (the mode while no LivePortrait weights are imported) needs 68 of them: pass "
+            "--landmarks FILE (68 [x, y] photo pixels, iBUG order), or --weights DIR with imported weights"
+        ) from exc
     except (AvatarError, CheckpointError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"added avatar {stored.name!r} ({stored.content_hash[:12]}); features for {nets.weights_id}")
     if stored.landmarks is None:
         click.echo("no landmarks (no landmark model imported and no --landmarks file)")
+    else:
+        method = stored.landmark_method or "unknown"
+        click.echo(f"landmarks: {len(stored.landmarks)} points, {stored.landmark_scheme} ({method})")
 
 
 @avatar.command("list")
