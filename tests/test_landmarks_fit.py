@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -85,6 +86,29 @@ def test_landmarks_match_hand_annotation(name: str) -> None:
 
 
 @needs_haar
+@pytest.mark.parametrize("name", ["astronaut", "grace_hopper"])
+@pytest.mark.parametrize("change", ["mirror", "tilt-10", "tilt+10"])
+def test_landmarks_follow_a_mirrored_or_tilted_photo(name: str, change: str) -> None:
+    """The same bar on the photo mirrored or rolled by 10 degrees (hand points moved along): the fit is not
+    tuned to one pose of the three photos (measured: 4.4 % at most)."""
+    rgb, hand = photo(name), hand_points(name)
+    h, w = rgb.shape[:2]
+    if change == "mirror":
+        m = np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0]])
+        order = [1, 0, 2, 4, 3]  # the image-left eye of the mirror is the image-right eye of the photo
+    else:
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), float(change[4:]), 1.0)
+        order = [0, 1, 2, 3, 4]
+    moved = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    hand = apply_affine(m, hand)[order]
+    face = FaceLocator(None).locate(moved, source=f"{name} {change}")
+    assert face.landmarks is not None, face.landmark_note
+    found = five_point_landmarks(apply_affine(face.crop_to_image, face.landmarks))
+    errors = np.linalg.norm(found - hand, axis=1) / float(np.linalg.norm(hand[1] - hand[0]))
+    assert (errors < TOLERANCE).all(), ", ".join(f"{p} {100 * e:.1f}%" for p, e in zip(POINTS, errors, strict=True))
+
+
+@needs_haar
 def test_scrfd_key_points_drive_the_template() -> None:
     """With an imported SCRFD, its five key points replace the image analysis and are met exactly."""
     rgb = photo("astronaut")
@@ -105,17 +129,6 @@ def test_no_face_no_invented_landmarks() -> None:
             TemplateLandmarker().fit(image, (100.0, 100.0, 300.0, 300.0))
     face = FaceLocator(None).locate(noise, crop=(50, 50, 300, 300))
     assert face.landmarks is None and "could not be located" in face.landmark_note
-
-
-@needs_haar
-def test_avatar_add_finds_landmarks_on_a_real_photo(tmp_path: Path) -> None:
-    path = tmp_path / "astronaut.png"
-    Image.fromarray(photo("astronaut")).save(path)
-    result = CliRunner().invoke(main, ["avatar", "add", str(path), "--name", "astro"])
-    assert result.exit_code == 0, result.output
-    assert "landmarks: 68 points, ibug68 (template:haar-eyes+mouth-valley)" in result.output
-    shown = json.loads(CliRunner().invoke(main, ["avatar", "show", "astro"]).output)
-    assert shown["landmark_count"] == 68 and shown["landmark_method"].startswith("template:")
 
 
 def test_avatar_add_fails_early_without_classic_landmarks(tmp_path: Path, engine_home: Path) -> None:
