@@ -1,14 +1,15 @@
 """Weight-free 68-point face landmarks: a mean-face template fitted to five points found by image analysis.
 
-Why this and not a learned model (checked with ``pip download --no-deps`` and ``unzip -l``, 2025 releases):
+Why this and not a learned model (checked with ``pip download --no-deps`` and ``unzip -l``, cp311/cp312
+manylinux x86_64 wheels):
 
-* ``mediapipe`` <= 0.10.21 (cp311/cp312 manylinux x86_64, Apache-2.0) still ships ``face_landmark.tflite`` and
-  ``face_detection_short_range.tflite`` inside the wheel, but pins ``protobuf<5`` (our ``onnx`` stack has moved
-  on), 0.10.21 pins ``numpy<2``, all of them pull ``jax``/``jaxlib`` and, above all, ``opencv-contrib-python``:
-  a second OpenCV distribution in the venv overwrites the ``cv2`` package of our ``opencv-python-headless<5``
-  (and its Haar cascades, which the face box needs). From 0.10.22 on the wheels no longer carry the face-mesh
-  models at all (0.10.30+ dropped the legacy ``solutions`` API; the Tasks API downloads ``.task`` files).
-  Not even an opt-in extra can install it without breaking the base install, so there is none.
+* ``mediapipe`` (Apache-2.0) up to 0.10.21 ships ``face_landmark.tflite`` and ``face_detection_*.tflite``
+  inside the wheel, but pins ``protobuf<5`` while the ``onnx`` we depend on needs ``protobuf>=6.31``; 0.10.21
+  also pins ``numpy<2``; both pull ``jax``/``jaxlib`` and, worst, ``opencv-contrib-python``: a second OpenCV
+  distribution in the venv overwrites the ``cv2`` package of our ``opencv-python-headless<5``. The next
+  release, 0.10.30, and everything after it (0.10.32, 0.10.35, 1.2.3 checked) carry no face model at all (the
+  Tasks API loads ``.task`` files that must be downloaded). Not even an opt-in extra installs without breaking
+  the base install, so there is none.
 * OpenCV's own learned landmarkers (``cv2.face`` Facemark LBF/AAM/Kazemi, ``FaceDetectorYN``) live in
   opencv-contrib or need model files that must be downloaded.
 
@@ -34,7 +35,6 @@ invented landmarks. Accuracy on real photos is measured in ``tests/test_landmark
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -43,8 +43,6 @@ import cv2
 import numpy as np
 
 from engine.avatar.image import AvatarError
-
-logger = logging.getLogger(__name__)
 
 SCHEME = "ibug68"  # iBUG 300-W point order, the layout classic mode reads
 
@@ -195,7 +193,9 @@ class TemplateLandmarker:
 
     def __init__(self) -> None:
         self.eye_cascades = [
-            c for c in (_cascade("haarcascade_eye.xml"), _cascade("haarcascade_eye_tree_eyeglasses.xml")) if c
+            c
+            for c in (_cascade("haarcascade_eye.xml"), _cascade("haarcascade_eye_tree_eyeglasses.xml"))
+            if c is not None
         ]
 
     # -- public ----------------------------------------------------------------------------------------------
