@@ -139,11 +139,12 @@ def test_avatar_add_fails_early_without_classic_landmarks(tmp_path: Path, engine
     few = tmp_path / "five.json"
     few.write_text(json.dumps([[80, 100], [160, 100], [120, 140], [90, 180], [150, 180]]))
     options = {opt for param in add_command.params for opt in param.opts}
-    for extra, why in (([], "no landmarks in the --crop region"), (["--landmarks", str(few)], "5 landmarks")):
+    for extra, why in (([], "no landmarks in the --crop region"), (["--landmarks", str(few)], "5 points")):
         result = CliRunner().invoke(main, ["avatar", "add", str(noise), "--name", "n", "--crop", "0,0,300,300", *extra])
         assert result.exit_code != 0, result.output
-        error = [line for line in result.output.splitlines() if line.startswith("Error:")]
-        assert len(error) == 1 and why in error[0] and "classic mode" in error[0], result.output
+        error = result.output.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("Error:"), result.output  # one line, no warnings first
+        assert why in error[0] and "classic mode" in error[0], result.output
         suggested = {word.strip(",;()") for word in error[0].split() if word.startswith("--")}
         assert suggested and suggested <= options, suggested - options
         assert "--landmarks" in suggested and "Traceback" not in result.output

@@ -122,7 +122,7 @@ def prepare_avatar(
         where = "in the --crop region" if face.method == "manual" else "on the face it found"
         why = f"no landmarks {where}: {face.landmark_note or 'no landmark source'}"
         if landmarks is not None:
-            why = f"its {len(landmarks)} landmarks ({scheme}) are not the 68-point layout"
+            why = f"its landmarks ({len(landmarks)} points, scheme {scheme!r}) are not a 68-point layout classic reads"
         raise MissingLandmarksError(f"{image_path}: {why}")
     features = {nets.weights_id: compute_features(nets, face.crop)} if nets is not None else {}
     return Avatar(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -55,12 +56,12 @@ def add(
 ) -> None:
     """Prepare IMAGE (face crop, landmarks, appearance/motion features) and store it as NAME."""
     from engine.avatar.face import parse_crop
-    from engine.avatar.prepare import MissingLandmarksError, prepare_avatar
+    from engine.avatar.prepare import MissingLandmarksError, compute_features, prepare_avatar
     from engine.avatar.store import DEFAULT_NAME, AvatarStore, validate_name
     from engine.models import liveportrait
     from engine.paths import default_weights_dir
     from engine.weights import warn_untrained
-    from engine.weights.checkpoint import CheckpointError
+    from engine.weights.checkpoint import RECORD_NAME, CheckpointError
 
     try:
         validate_name(name)
@@ -68,21 +69,20 @@ def add(
             raise AvatarError(f"the name {DEFAULT_NAME!r} is reserved for the engine's built-in portrait")
         crop = parse_crop(crop_text) if crop_text is not None else None
         # an explicit --weights must hold a store (a typo should not silently fall back to random weights)
-        nets = liveportrait.load(weights_dir) if weights_dir is not None else liveportrait.load_or_build(None, preset)
+        nets = liveportrait.load(weights_dir) if weights_dir is not None else None
+        detectors = (weights_dir or default_weights_dir()) / "detectors"
+        # without imported weights rendering runs in classic mode, which needs 68 landmarks: check them before
+        # building (and warning about) untrained networks, so a refused photo gets one error line
+        classic = nets is None and not (default_weights_dir() / RECORD_NAME).is_file()
+        prepared = prepare_avatar(
+            image, name, crop=crop, landmarks_file=landmarks_file, detectors_dir=detectors, require_classic=classic
+        )
+        if nets is None:
+            nets = liveportrait.load_or_build(None, preset)
         if nets.untrained:
             message = warn_untrained(logger, "avatar features")
             click.secho(f"WARNING: {message}", fg="red", bold=True, err=True)
-        detectors = (weights_dir or default_weights_dir()) / "detectors"
-        prepared = prepare_avatar(
-            image,
-            name,
-            nets=nets,
-            crop=crop,
-            landmarks_file=landmarks_file,
-            detectors_dir=detectors,
-            # without imported weights, rendering runs in classic mode, which needs 68 landmarks: fail now
-            require_classic=nets.untrained,
-        )
+        prepared = dataclasses.replace(prepared, features={nets.weights_id: compute_features(nets, prepared.crop)})
         stored = AvatarStore().add(prepared, overwrite=replace)
     except MissingLandmarksError as exc:
         raise click.ClickException(
