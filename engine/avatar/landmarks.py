@@ -24,6 +24,7 @@ Intel licence). So the fit here is:
    span as wide as a mouth (the shadow under the nose is narrower) times a prior on its height; the corners are
    where the traced valley fades out;
 4. nose tip: just above the shadow under the nose (the darkest short valley between the eyes and the seam);
+   chin: the first strong bright-to-dark edge below the mouth (optional; else the template's proportion);
 5. the mean-face template below (units of the eye distance; drawn here from typical adult proportions) is fitted
    to those five points by least-squares affine, then each part is moved onto its own anchor, so the eye
    centres, nose tip and mouth corners land exactly on what was found.
@@ -96,6 +97,7 @@ _CORNER_FADE = 0.4
 # evidence needed before a part counts as found (grey levels; ratios to the typical response around it)
 _IRIS_MIN, _IRIS_RATIO = 15.0, 2.8
 _SEAM_MIN, _SEAM_RATIO = 6.0, 4.0
+_CHIN_MIN = 15.0  # grey levels between the 3 rows above and below the chin's edge (photos: 22-48)
 
 
 class LandmarkError(AvatarError):
@@ -114,7 +116,8 @@ class FivePoints(NamedTuple):
 class LandmarkFit(NamedTuple):
     points: np.ndarray  # [68, 2] image pixels, iBUG order
     anchors: FivePoints  # what the template was fitted to
-    method: str  # e.g. "template:haar-eyes+mouth-valley", "template:scrfd-5pt"
+    method: str  # e.g. "template:haar-eyes+mouth-valley+chin-edge", "template:scrfd-5pt"
+    chin: np.ndarray | None  # [2] the chin's lower edge when it was found (else the template's proportion)
 
 
 def five_point_landmarks(points68: np.ndarray) -> np.ndarray:
@@ -123,12 +126,13 @@ def five_point_landmarks(points68: np.ndarray) -> np.ndarray:
     return np.stack([p[LEFT_EYE].mean(0), p[RIGHT_EYE].mean(0), p[NOSE_TIP], p[MOUTH_LEFT], p[MOUTH_RIGHT]])
 
 
-def fit_template(anchors: FivePoints) -> np.ndarray:
-    """The template placed on five points -> [68, 2] image pixels.
+def fit_template(anchors: FivePoints, chin: np.ndarray | None = None) -> np.ndarray:
+    """The template placed on five points (and optionally the chin [2]) -> [68, 2] image pixels.
 
     A least-squares affine (it absorbs scale, roll and the face's own eye-to-mouth proportion) places every
     point; then each part is translated onto its anchor: eyes (and brows) onto their eye, the nose onto the
-    tip (the bridge blends from the eye midpoint to the tip), lips onto the corners (blended across the mouth)."""
+    tip (the bridge blends from the eye midpoint to the tip), lips onto the corners (blended across the mouth).
+    A found chin moves the jaw below the mouth line along the face's down axis, fully at the chin (point 8)."""
     dst = anchors.array()
     src = five_point_landmarks(TEMPLATE)
     a = np.concatenate([src, np.ones((5, 1))], axis=1)  # [5, 3]
@@ -148,6 +152,12 @@ def fit_template(anchors: FivePoints) -> np.ndarray:
     # lips: blend the corner residuals by how far across the mouth a point sits (template x in [-0.4, 0.4])
     across = np.clip((TEMPLATE[48:68, 0] + 0.4) / 0.8, 0.0, 1.0)[:, None]  # [20, 1]
     out[48:68] += (1 - across) * res[3] + across * res[4]
+    if chin is not None:
+        down = dst[3:5].mean(axis=0) - dst[:2].mean(axis=0)
+        down /= max(float(np.linalg.norm(down)), 1e-9)
+        shift = float((np.asarray(chin, dtype=np.float64) - out[8]) @ down)
+        below = np.clip((TEMPLATE[:17, 1] - 1.0) / (TEMPLATE[8, 1] - 1.0), 0.0, 1.0)  # [17] 0 at the mouth line
+        out[:17] += below[:, None] * shift * down
     return out
 
 
@@ -214,7 +224,10 @@ class TemplateLandmarker:
             anchors = self._lower_face(rgb, eyes)
             method = f"template:{eye_method}+mouth-valley"
         _check_plausible(anchors)
-        return LandmarkFit(fit_template(anchors), anchors, method)
+        chin = _chin(rgb, anchors)
+        if chin is not None:
+            method += "+chin-edge"
+        return LandmarkFit(fit_template(anchors, chin), anchors, method, chin)
 
     # -- eyes ------------------------------------------------------------------------------------------------
     def _eyes(self, gray: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, str]:
@@ -378,6 +391,29 @@ def _nose_tip(valley: np.ndarray, seam_y: float, corners: np.ndarray) -> np.ndar
         raise LandmarkError("the nose could not be located (the mouth line sits too close to the eyes)")
     y = top + int(np.argmax(depth[top:bottom]))
     return np.array([cx, y - 0.1 * _IOD])
+
+
+def _chin(rgb: np.ndarray, anchors: FivePoints) -> np.ndarray | None:
+    """The chin's lower edge below the mouth centre, or None: the first strong bright-to-dark step (lit chin
+    above, shadow or neck below) 0.3-1.2 eye distances below the mouth. The first, not the strongest: a collar
+    or a neckline further down is often the stronger edge."""
+    m = _to_canonical(anchors.eyes)
+    patch = cv2.warpAffine(rgb, m, _PATCH, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    gray = cv2.GaussianBlur(cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0), 1.5)
+    mouth = _apply(m, anchors.mouth)
+    cx, seam = float(mouth[:, 0].mean()), float(mouth[:, 1].mean())
+    band = gray[:, max(0, int(cx - 0.2 * _IOD)) : int(cx + 0.2 * _IOD) + 1].mean(axis=1)  # [H]
+    k = 3
+    step = np.zeros_like(band)
+    for y in range(k, len(band) - k):
+        step[y] = band[y - k : y].mean() - band[y : y + k].mean()
+    lo, hi = max(k + 1, int(seam + 0.3 * _IOD)), min(len(band) - k - 1, int(seam + 1.2 * _IOD))
+    for y in range(lo, hi):
+        if step[y] >= _CHIN_MIN and step[y] >= step[y - 1] and step[y] > step[y + 1]:
+            back = cv2.invertAffineTransform(m)
+            # the step between rows y-1 and y: the edge lies half a row above y
+            return _apply(back, np.array([[cx, y - 0.5]]))[0]
+    return None
 
 
 def _check_plausible(a: FivePoints) -> None:
