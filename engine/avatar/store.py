@@ -158,6 +158,7 @@ class AvatarStore:
             landmarks=None if landmarks is None else np.asarray(landmarks, dtype=np.float32),
             landmark_scheme=str(meta.get("landmark_scheme", "")),
             features=self._feature_ids(entry),
+            landmark_method=str(meta.get("landmark_method", "")),
         )
 
     # -- changes -------------------------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class AvatarStore:
             "crop_to_image": np.asarray(avatar.crop_to_image, dtype=np.float64).tolist(),
             "landmarks": None if avatar.landmarks is None else np.asarray(avatar.landmarks, np.float64).tolist(),
             "landmark_scheme": avatar.landmark_scheme,
+            "landmark_method": avatar.landmark_method,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **dict(info),
         }
@@ -299,4 +301,5 @@ def _default_avatar() -> Avatar:
         crop_to_image=crop_to_image,
         landmarks=crop_landmarks.astype(np.float32),
         landmark_scheme=scheme,
+        landmark_method="drawn",
     )

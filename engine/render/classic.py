@@ -22,11 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.avatar.landmarks import CLASSIC_SCHEMES
 from engine.avatar.record import Avatar
 from engine.keypoints import NUM_KP, MotionParams, SourceFace, keypoints_from_params
 from engine.render.base import PreparedAvatar
-
-SUPPORTED_SCHEMES = ("engine68", "ibug68")
 
 # Footprint (sigma_x, sigma_y) of each keypoint in units of the inter-ocular distance.
 _SIGMA = (
@@ -178,9 +177,9 @@ class ClassicRenderer:
                 f"avatar {avatar.name!r} has no landmarks, which classic mode needs: import the face detector "
                 "models ('engine weights import ...') or pass --landmarks when adding the avatar"
             )
-        if avatar.landmark_scheme not in SUPPORTED_SCHEMES or np.shape(avatar.landmarks) != (68, 2):
+        if avatar.landmark_scheme not in CLASSIC_SCHEMES or np.shape(avatar.landmarks) != (68, 2):
             raise ValueError(
-                f"avatar {avatar.name!r}: classic mode needs 68-point landmarks ({', '.join(SUPPORTED_SCHEMES)}), "
+                f"avatar {avatar.name!r}: classic mode needs 68-point landmarks ({', '.join(CLASSIC_SCHEMES)}), "
                 f"got scheme {avatar.landmark_scheme!r} with shape {np.shape(avatar.landmarks)}"
             )
         crop = avatar.crop

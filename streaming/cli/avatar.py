@@ -11,9 +11,9 @@ import click
 
 from engine.avatar.face import parse_crop
 from engine.avatar.image import AvatarError
-from engine.avatar.prepare import prepare_avatar
+from engine.avatar.prepare import MissingLandmarksError, prepare_avatar
 from engine.avatar.store import DEFAULT_NAME, AvatarStore, validate_name
-from engine.paths import default_weights_dir
+from engine.paths import default_ditto_dir, default_weights_dir
 from engine.weights.checkpoint import RECORD_NAME, CheckpointError
 from streaming.pipelines import PipelineError, neural_renderer
 
@@ -63,8 +63,16 @@ def add(
         imported = (store_dir / RECORD_NAME).is_file()
         if weights_dir is not None and not imported:  # a typo must not silently fall back to no features
             raise AvatarError(f"{weights_dir} is not an engine weight store (no {RECORD_NAME}); import weights first")
+        # without LivePortrait and Ditto weights the engine runs classic mode (auto), which needs 68 landmarks:
+        # checked here, before anything else, so a photo that cannot drive it is refused with one line
+        classic = not (imported and (default_ditto_dir() / RECORD_NAME).is_file())
         prepared = prepare_avatar(
-            image, name, crop=crop, landmarks_file=landmarks_file, detectors_dir=store_dir / "detectors"
+            image,
+            name,
+            crop=crop,
+            landmarks_file=landmarks_file,
+            detectors_dir=store_dir / "detectors",
+            require_classic=classic,
         )
         weights_id = None
         if imported:
@@ -73,12 +81,20 @@ def add(
             weights_id = renderer.nets.weights_id
             prepared = dataclasses.replace(prepared, features={weights_id: renderer.compute_features(prepared)})
         stored = AvatarStore().add(prepared, overwrite=replace)
+    except MissingLandmarksError as exc:
+        raise click.ClickException(
+            f"{exc}; classic mode (used while LivePortrait and Ditto weights are not both imported) needs 68 of "
+            "them: pass --landmarks FILE (68 [x, y] photo pixels, iBUG order), or import weights first"
+        ) from exc
     except (AvatarError, CheckpointError, PipelineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     features = f"features for {weights_id}" if weights_id else "no neural features (no LivePortrait weights)"
     click.echo(f"added avatar {stored.name!r} ({stored.content_hash[:12]}); {features}")
     if stored.landmarks is None:
         click.echo("no landmarks (no landmark model imported and no --landmarks file)")
+    else:
+        method = stored.landmark_method or "unknown"
+        click.echo(f"landmarks: {len(stored.landmarks)} points, {stored.landmark_scheme} ({method})")
 
 
 @avatar.command("list")

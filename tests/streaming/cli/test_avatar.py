@@ -21,8 +21,13 @@ def _photo(path: Path) -> Path:
 def test_add_list_show_remove(tmp_path: Path, engine_home: Path) -> None:
     runner = CliRunner()
     photo = _photo(tmp_path / "me.png")
-    result = runner.invoke(main, ["avatar", "add", str(photo), "--name", "me", "--crop", "20,20,256,256"])
+    # noise has no face to find landmarks on, and classic mode (no weights imported) needs them: give them
+    points = tmp_path / "me.json"
+    points.write_text(json.dumps(np.random.default_rng(3).uniform(40, 260, (68, 2)).tolist()))
+    args = ["avatar", "add", str(photo), "--name", "me", "--crop", "20,20,256,256", "--landmarks", str(points)]
+    result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert "landmarks: 68 points, ibug68 (file)" in result.output
     # no LivePortrait weights: nothing neural is computed or cached, and no untrained-weights warning is printed
     assert "added avatar 'me'" in result.output and "no neural features" in result.output
     assert "UNTRAINED" not in result.output.upper().replace("NO NEURAL", "")
@@ -34,7 +39,8 @@ def test_add_list_show_remove(tmp_path: Path, engine_home: Path) -> None:
     result = runner.invoke(main, ["avatar", "show", "me"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
-    assert shown["name"] == "me" and shown["crop_size"] == 512 and shown["landmark_count"] == 0
+    assert shown["name"] == "me" and shown["crop_size"] == 512 and shown["landmark_count"] == 68
+    assert shown["landmark_method"] == "file"
     assert shown["weights_ids"] == []
     assert (engine_home / "avatars" / "entries" / shown["content_hash"] / "crop.png").is_file()
 
