@@ -14,8 +14,7 @@ is blended in proportion to the lip gap, so opening the jaw shows speech instead
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -135,20 +134,10 @@ def _flow(query: torch.Tensor, kp_d: torch.Tensor, disp: torch.Tensor, sigma: to
     return (w @ disp) / total
 
 
-def _grid_sampler(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The fused CUDA grid sample from ``kernels`` on GPU when it is built, else torch's (same semantics)."""
-    if device.type == "cuda":
-        try:
-            fused = getattr(importlib.import_module("kernels"), "grid_sample", None)
-        except ImportError:
-            fused = None
-        if callable(fused):
-            return fused
-
-    def torch_sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    return torch_sample
+def _sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2-D sampling of the portrait (ATen's on any device: the fused kernels are the 3-D warps of the
+    neural renderer, and a 2-D grid sample is already one memory-bound pass)."""
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class ClassicRenderer:
@@ -169,7 +158,6 @@ class ClassicRenderer:
         full = (2.0 * torch.arange(size, dtype=torch.float32) + 1.0) / size - 1.0
         fy, fx = torch.meshgrid(full, full, indexing="ij")
         self._base = torch.stack([fx, fy], -1)[None].to(self.device)  # [1, S, S, 2]
-        self._sample = _grid_sampler(self.device)
 
     def prepare(self, avatar: Avatar) -> PreparedAvatar:
         if avatar.landmarks is None:
@@ -210,7 +198,7 @@ class ClassicRenderer:
         flow = F.interpolate(flow, size=(self.size, self.size), mode="bilinear", align_corners=False)
         grid = self._base + flow.permute(0, 2, 3, 1)
         portrait = torch.stack([s.portrait for s in states])
-        out = self._sample(portrait, grid)  # [B, 3, S, S]
+        out = _sample(portrait, grid)  # [B, 3, S, S]
         return self._mouth(out, states, kp_d, disp, sigma).clamp_(0.0, 1.0)
 
     def _mouth(

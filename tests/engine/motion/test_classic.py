@@ -65,7 +65,9 @@ def test_lookahead_and_interrupt() -> None:
     motion.interrupt()
     later = motion.push(_rows(np.zeros(4)))
     assert [f.frame_index for f in later] == [5, 6]  # dropped rows' indices are skipped
-    assert later[0].params.exp[0, 17, 1] > later[1].params.exp[0, 17, 1] > 0  # relaxing smoothly
+    # the frames after an interrupt start from a closed mouth: the session eases the frames already in flight
+    # to rest (streaming.session), so the motion stage resumes from there without a jump
+    assert float(later[0].params.exp[0, 17, 1]) == 0.0 and float(later[1].params.exp[0, 17, 1]) == 0.0
 
 
 def test_blinks_happen_on_eye_set() -> None:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+import signal
+import subprocess
+import sys
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from engine.avatar.default import default_portrait
-from engine.media import MediaError, Mp4Writer, read_audio
+from engine.media import MediaError, VideoWriter, read_audio
 from streaming.cli import main
 
 SR = 16_000
@@ -173,7 +178,7 @@ def test_avatar_and_image_together_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_writer_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     out = tmp_path / "v.mp4"
-    with pytest.raises(RuntimeError, match="boom"), Mp4Writer(out, 25, 16) as w:
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(out, 25, 16) as w:
         w.video(np.zeros((16, 16, 3), np.uint8))
         raise RuntimeError("boom")
     assert leftovers(tmp_path) == []
@@ -192,3 +197,107 @@ def test_read_audio_formats(tmp_path: Path) -> None:
 def _write_wav_48k(path: Path) -> Path:
     write_wav(path, 0.5, rate=48_000, channels=2)
     return path
+
+
+def test_input_rate_and_channels_are_kept(tmp_path: Path) -> None:
+    """48 kHz stereo in, 48 kHz stereo AAC out (the session itself runs on 16 kHz mono)."""
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 1.0, rate=48_000, channels=2)
+    out = tmp_path / "talk.mp4"
+    result = run(["--audio", str(wav), "--out", str(out), "--no-paste-back"])
+    assert result.exit_code == 0, result.output
+    info = probe(out)
+    assert info["audio_rate"] == 48_000 and info["frames"] == 25
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.channels == 2
+    assert abs(info["audio_s"] - 1.0) < 0.05
+
+
+def test_output_extension_is_honoured_or_refused(tmp_path: Path) -> None:
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 0.4)
+    result = run(["--audio", str(wav), "--out", str(tmp_path / "talk.avi")])
+    assert result.exit_code != 0 and "cannot write .avi" in result.output and ".mp4, .mov, .mkv" in result.output
+    assert not list(tmp_path.glob("*talk*"))
+    result = run(["--audio", str(wav), "--out", str(tmp_path / "talk.mov"), "--no-paste-back"])
+    assert result.exit_code == 0, result.output
+    with av.open(str(tmp_path / "talk.mov")) as c:
+        assert "mov" in c.format.name
+
+
+def test_output_permissions_follow_the_umask(tmp_path: Path) -> None:
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 0.4)
+    previous = os.umask(0o022)
+    try:
+        result = run(["--audio", str(wav), "--out", str(tmp_path / "talk.mp4"), "--no-paste-back"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "talk.mp4").stat().st_mode & 0o777 == 0o644
+
+
+def test_empty_audio_file_is_one_clear_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    result = run(["--audio", str(empty), "--out", str(tmp_path / "talk.mp4")])
+    assert result.exit_code != 0
+    assert f"{empty}: the file is empty (0 bytes)" in result.output and "Errno" not in result.output
+
+
+ENGINE = [sys.executable, "-m", "streaming.cli"]
+
+
+def test_sigterm_during_a_render_leaves_no_partial_file(tmp_path: Path, engine_home: Path) -> None:
+    wav = tmp_path / "long.wav"
+    write_wav(wav, 60.0)
+    out = tmp_path / "talk.mp4"
+    env = {**os.environ, "AVATAR_ENGINE_HOME": str(engine_home)}
+    subprocess.run([*ENGINE, "avatar", "show", "default"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [*ENGINE, "render", "--no-progress", "--audio", str(wav), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".talk-*.part")):  # the render has started writing
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "render stopped by SIGTERM; nothing was written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p != engine_home) == ["long.wav"]
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # a "disk" with 60 kB of room for a file
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past it fail with EFBIG instead of killing us
+
+
+def test_output_that_does_not_fit_is_one_clear_line(tmp_path: Path, engine_home: Path) -> None:
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 3.0)
+    out = tmp_path / "talk.mp4"
+    env = {**os.environ, "AVATAR_ENGINE_HOME": str(engine_home)}
+    # the default avatar is stored on first use: store it now, so only the video meets the limit
+    subprocess.run([*ENGINE, "avatar", "show", "default"], env=env, check=True, capture_output=True)
+    done = subprocess.run(
+        [*ENGINE, "render", "--no-progress", "--audio", str(wav), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_file_size,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "does not fit on the disk" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p != engine_home) == ["in.wav"]
