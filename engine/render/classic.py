@@ -145,6 +145,7 @@ class ClassicRenderer:
 
     name = "classic"
     untrained = False
+    CPU_CHUNK = 4  # frames rendered at once on a CPU
 
     def __init__(self, size: int = 512, flow_size: int = 128, device: str | torch.device = "cpu") -> None:
         if size <= 0 or flow_size <= 0:
@@ -187,6 +188,15 @@ class ClassicRenderer:
     def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
         if kp_driving.shape != (len(prepared), NUM_KP, 3):
             raise ValueError(f"kp_driving must be [{len(prepared)}, {NUM_KP}, 3], got {tuple(kp_driving.shape)}")
+        if self.device.type == "cpu" and len(prepared) > self.CPU_CHUNK:
+            # a CPU gains nothing from wide batches here (the cost is per frame), and each frame's intermediate
+            # tensors are ~30 MB: chunks keep a batch of 16 from holding half a gigabyte at once
+            return torch.cat(
+                [
+                    self.render(prepared[i : i + self.CPU_CHUNK], kp_driving[i : i + self.CPU_CHUNK])
+                    for i in range(0, len(prepared), self.CPU_CHUNK)
+                ]
+            )
         states: list[ClassicState] = [p.state for p in prepared]
         b = len(prepared)
         kp_d = kp_driving[..., :2].to(self.device, torch.float32)
