@@ -3,7 +3,6 @@ tensor on the configured device, and the hot path reads nothing back to the host
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from export.backends import BackendConfig
 from streaming.pipelines import RuntimeConfig
 from streaming.runtime import Runtime
 from streaming.session import Session, SessionConfig
+from streaming.testing import drain
 
 
 async def _offline(runtime: Runtime, seconds: float) -> tuple[Session, list[Any]]:
@@ -21,17 +21,7 @@ async def _offline(runtime: Runtime, seconds: float) -> tuple[Session, list[Any]
     audio = (0.2 * np.random.default_rng(0).standard_normal(int(16_000 * seconds))).astype(np.float32)
     session.push_audio(audio, 16_000)
     session.end_of_stream()
-
-    async def drain_audio() -> None:
-        while await session.next_audio() is not None:
-            pass
-
-    reader = asyncio.create_task(drain_audio())
-    frames = []
-    while (f := await session.next_video()) is not None:
-        frames.append(f)
-    await reader
-    return session, frames
+    return session, (await drain(session))[0]
 
 
 async def test_hot_path_reads_back_only_finished_frames(monkeypatch: pytest.MonkeyPatch) -> None:
