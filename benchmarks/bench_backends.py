@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli.bench import bench
+from streaming.cli.bench import bench
 
 if __name__ == "__main__":
     bench.main(args=["backends", *sys.argv[1:]], prog_name="bench_backends.py")

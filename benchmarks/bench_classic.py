@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from engine.avatar.default import default_avatar
-from engine.benchinfo import environment, write_result
 from engine.motion.classic import ClassicFeatures, ClassicMotion
 from engine.render.classic import ClassicRenderer, face_size
+from streaming.measure.info import environment, write_result
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from engine.benchinfo import environment, load_average, write_result
 from engine.motion import lmdm
 from engine.motion.samplers import DDIMSampler, guided_denoise, sample
 from engine.motion.schedule import cosine_alphas_cumprod
+from streaming.measure.info import environment, load_average, write_result
 
 RESULTS = Path(__file__).parent / "results" / "motion_cpu.json"
 FPS = 25

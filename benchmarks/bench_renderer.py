@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from engine.benchinfo import environment, load_average, write_result
 from engine.models import liveportrait
+from streaming.measure.info import environment, load_average, write_result
 
 RESULTS = Path(__file__).parent / "results" / "renderer_cpu.json"
 

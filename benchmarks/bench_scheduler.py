@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from engine.audio import LogMelFeatures
-from engine.benchinfo import environment, load_average, write_result
 from engine.motion import lmdm
 from engine.motion.scheduler import SchedulerConfig, SourceCondition, WindowScheduler
+from streaming.measure.info import environment, load_average, write_result
 
 RESULTS = Path(__file__).parent / "results" / "scheduler_cpu.json"
 PUSH_MS = 20

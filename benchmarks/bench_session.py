@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.benchinfo import environment, write_result
-from streaming.runtime import Runtime, RuntimeConfig
+from streaming.measure.info import environment, write_result
+from streaming.pipelines import RuntimeConfig
+from streaming.runtime import Runtime
 from streaming.session import SessionConfig
 
 CHUNK_S = 0.02

@@ -3,7 +3,7 @@
     python benchmarks/classic_sheets.py [--out docs/img]
 
 Sheets: the 8 emotions at intensity 1 on the default avatar and on the astronaut photo
-(``skimage.data.astronaut()`` with the hand-placed landmarks in ``tests/data/astronaut_landmarks68.json``), an
+(``skimage.data.astronaut()`` with the hand-placed landmarks in ``tests/data/landmarks/astronaut_68.json``), an
 opening-mouth sequence, a blink sequence, and region mixing / gaze examples. Each frame comes from
 :class:`ClassicMotion` with the head held still, so only the control under test changes the picture.
 """
@@ -25,13 +25,13 @@ from engine.avatar.face import FaceLocator
 from engine.avatar.prepare import prepare_avatar
 from engine.avatar.record import Avatar
 from engine.motion.classic import ClassicMotion, ClassicMotionConfig
-from engine.motion.controls import ControlState
+from engine.motion.control_schema import ControlState
 from engine.motion.emotion import EMOTIONS
 from engine.render.base import PreparedAvatar
 from engine.render.classic import ClassicRenderer, face_size
 
 ROOT = Path(__file__).resolve().parents[1]
-ASTRONAUT_LANDMARKS = ROOT / "tests" / "data" / "astronaut_landmarks68.json"
+ASTRONAUT_LANDMARKS = ROOT / "tests" / "data" / "landmarks" / "astronaut_68.json"
 
 
 def astronaut_avatar() -> Avatar:

@@ -1,7 +1,7 @@
 """LivePortrait keypoint math: pose bins, rotation, keypoint transform, stitching and retargeting calls.
 
 Conventions are the reference implementation's (row vectors, ``R = (R_z R_y R_x)^T``,
-``x = s * (x_c R + delta) + (t_x, t_y, 0)``); see ``shared/golden/liveportrait.md`` section 6.
+``x = s * (x_c R + delta) + (t_x, t_y, 0)``); see ``docs/spec/liveportrait.md`` §6.
 Every function is batched and differentiable; nothing here owns weights.
 """
 
@@ -35,6 +35,23 @@ class MotionParams(NamedTuple):
     roll: Tensor  # [B] degrees
     t: Tensor  # [B, 3]
     exp: Tensor  # [B, 21, 3]
+
+
+class SourceFace(NamedTuple):
+    """An avatar's face in one renderer's keypoint space (what motion and keypoint stages need)."""
+
+    kp_canonical: Tensor  # [21, 3]
+    params: MotionParams  # batch 1: the portrait's own pose / expression
+    kp_source: Tensor  # [21, 3] transformed source keypoints
+
+
+def rest_lips(params: MotionParams, rest: MotionParams, weight: float) -> MotionParams:
+    """``params`` with the LIP keypoints' expression moved ``weight`` (0..1) of the way to ``rest``'s: the mouth
+    closes to the portrait's own, the head and the other keypoints stay (used to end speech on an interrupt)."""
+    lips = list(LIP)
+    exp = params.exp.clone()  # [B, 21, 3]
+    exp[:, lips] = exp[:, lips] + weight * (rest.exp[:, lips].to(exp) - exp[:, lips])
+    return params._replace(exp=exp)
 
 
 def bins_to_degrees(logits: Tensor) -> Tensor:

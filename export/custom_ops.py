@@ -4,7 +4,7 @@ must emit").
 The fused kernels' torch custom ops (``avatar_engine::*``, kernels/ops.py) are translated to nodes in the
 ``avatar_engine`` domain whose ``op_type`` is the plugin name; TensorRT's ONNX parser turns an unknown op into
 the plugin of that name, found through the ``plugin_namespace`` attribute. ONNX op schemas are registered for
-the three nodes so onnxscript can emit them and ``onnx.checker`` validates their inputs, outputs and types.
+the plugin nodes so onnxscript can emit them and ``onnx.checker`` validates their inputs, outputs and types.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import onnx
+import onnxscript
 from onnx.defs import OpSchema
+
+from kernels import ops as kernel_ops
 
 DOMAIN = "avatar_engine"
 DOMAIN_VERSION = 1
@@ -22,7 +25,8 @@ PLUGIN_NAMESPACE = "avatar_engine"
 GRID_SAMPLE_3D = "AvatarGridSample3D"
 FLOW_WARP = "AvatarFlowWarp"
 SPARSE_MOTION = "AvatarSparseMotion"
-PLUGIN_OPS: tuple[str, ...] = (GRID_SAMPLE_3D, FLOW_WARP, SPARSE_MOTION)
+MASK_DEFORMATION = "AvatarMaskDeformation"
+PLUGIN_OPS: tuple[str, ...] = (GRID_SAMPLE_3D, FLOW_WARP, SPARSE_MOTION, MASK_DEFORMATION)
 PLUGIN_ATTRIBUTES = {"plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 
 # name -> (inputs as (name, type var), outputs as (name, type var)); T: the volume dtype, K: fp32 keypoints
@@ -33,6 +37,7 @@ _SIGNATURES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str],
         (("out", "T"), ("deformation", "T")),
     ),
     SPARSE_MOTION: ((("compressed", "T"), ("kp_driving", "K"), ("kp_source", "K")), (("out", "T"),)),
+    MASK_DEFORMATION: ((("mask_logits", "T"), ("kp_driving", "K"), ("kp_source", "K")), (("deformation", "T"),)),
 }
 
 
@@ -68,17 +73,13 @@ def register_schemas() -> None:
 
 
 def translation_table() -> dict[Any, Callable[..., Any]]:
-    """``custom_translation_table`` for ``torch.onnx.export``: the kernels' custom ops -> plugin nodes."""
-    import onnxscript
-    import torch
-
-    import kernels.ops  # noqa: F401  (registers torch.ops.avatar_engine.*)
-
+    """``custom_translation_table`` for ``torch.onnx.export``: every custom op of ``kernels.ops`` -> its plugin."""
     register_schemas()
     opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
     grid_sample_op = getattr(opset, GRID_SAMPLE_3D)
     flow_warp_op = getattr(opset, FLOW_WARP)
     sparse_motion_op = getattr(opset, SPARSE_MOTION)
+    mask_deformation_op = getattr(opset, MASK_DEFORMATION)
 
     def grid_sample_3d(input: Any, grid: Any) -> Any:
         return grid_sample_op(input, grid, **PLUGIN_ATTRIBUTES)
@@ -93,9 +94,12 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
     def sparse_motion(compressed: Any, kp_driving: Any, kp_source: Any) -> Any:
         return sparse_motion_op(compressed, kp_driving, kp_source, **PLUGIN_ATTRIBUTES)
 
-    ops = torch.ops.avatar_engine
+    def mask_deformation(mask_logits: Any, kp_driving: Any, kp_source: Any) -> Any:
+        return mask_deformation_op(mask_logits, kp_driving, kp_source, **PLUGIN_ATTRIBUTES)
+
     return {
-        ops.grid_sample_3d.default: grid_sample_3d,
-        ops.flow_warp.default: flow_warp,
-        ops.sparse_motion_features.default: sparse_motion,
+        kernel_ops.CUSTOM_OPS["grid_sample_3d"].default: grid_sample_3d,
+        kernel_ops.CUSTOM_OPS["flow_warp"].default: flow_warp,
+        kernel_ops.CUSTOM_OPS["sparse_motion_features"].default: sparse_motion,
+        kernel_ops.CUSTOM_OPS["mask_deformation"].default: mask_deformation,
     }

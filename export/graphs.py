@@ -1,16 +1,18 @@
 """Exportable graphs: every runtime module as an ``nn.Module`` with flat tensor inputs and a tuple of outputs.
 
-The ONNX exporter and every backend (:mod:`engine.backends`) work on these :class:`Graph` objects, so "the
+The ONNX exporter and every backend (:mod:`export.backends`) work on these :class:`Graph` objects, so "the
 warping module" means the same inputs, outputs and example tensors whether it runs eagerly, compiled, in
 onnxruntime or in TensorRT.
 
-Two flavours of the grid-sampling modules (``warping`` and ``warping_decoder``):
+Two flavours of the grid-sampling modules (``warping`` and ``warping_decoder``), i.e. the warping network's
+``ops`` (:mod:`engine.models.warping_ops`):
 
-* ``standard``: the networks as they are (spec-literal warping ops -> opset-20 5-D ``GridSample``).
-* ``tensorrt``: the dense-motion input and the final warp go through the fused kernels' custom ops
+* ``standard``: ``STANDARD`` ops, the spec-literal PyTorch path (exports to opset-20 5-D ``GridSample``).
+* ``tensorrt``: ``FUSED`` ops: the dense-motion input and the final warp go through the fused kernels' custom ops
   (``avatar_engine::sparse_motion_features`` and ``avatar_engine::flow_warp``, kernels/ops.py), which the ONNX
   exporter maps to the TensorRT plugin nodes (:mod:`export.custom_ops`). On CPU the custom ops run the
-  kernels' pure-PyTorch twins, so this flavour's torch module stays testable here.
+  kernels' pure-PyTorch twins, so this flavour's torch module stays testable here. Eager and compiled backends on
+  a GPU run these ops too (``renderer_graphs(..., ops="fused")``).
 
 Only those two modules differ between flavours; every other graph is identical.
 """
@@ -23,19 +25,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.liveportrait import NUM_KP, LivePortraitNets
+from engine.keypoints import NUM_KP
+from engine.models.liveportrait import LivePortraitNets
 from engine.models.spade_decoder import SPADEDecoder
 from engine.models.warping import WarpingNetwork
+from engine.models.warping_ops import FUSED, STANDARD, WarpOps
 from engine.motion.heads import EmotionHead, LipHead, PoseHead
 from engine.motion.lmdm import MotionDecoder
 from engine.weights.deterministic import deterministic_state_dict
-from kernels import ops as kernel_ops
 
 Flavour = Literal["standard", "tensorrt"]
 FLAVOURS: tuple[str, ...] = ("standard", "tensorrt")
+FLAVOUR_OPS: dict[str, WarpOps] = {"standard": STANDARD, "tensorrt": FUSED}
 BATCH = "batch"  # symbolic name of the (optionally dynamic) leading axis
 
 RENDERER_GRAPHS: tuple[str, ...] = (
@@ -113,42 +116,16 @@ class MotionGraph(nn.Module):
 
 
 class WarpingGraph(nn.Module):
-    def __init__(self, warping: WarpingNetwork):
+    """W with flat outputs, running its two heavy steps with ``ops`` (standard PyTorch or the fused kernels)."""
+
+    def __init__(self, warping: WarpingNetwork, ops: WarpOps = STANDARD):
         super().__init__()
         self.warping = warping
+        self.ops = ops
 
     def forward(self, feature_3d: Tensor, kp_driving: Tensor, kp_source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w = self.warping(feature_3d, kp_driving, kp_source)
+        w = self.warping(feature_3d, kp_driving, kp_source, self.ops)
         return w.out, w.occlusion, w.deformation  # [B, 256, 64, 64], [B, 1, 64, 64], [B, 16, 64, 64, 3]
-
-
-class FusedWarpingGraph(nn.Module):
-    """``WarpingNetwork.forward`` with the fused kernels' custom ops in place of the spec-literal warping ops.
-
-    Same parameters (it holds the network), same outputs; ``tests/test_export_onnx.py`` checks it against the
-    network itself, so a change of the network's forward cannot silently diverge from this one.
-    """
-
-    def __init__(self, warping: WarpingNetwork):
-        super().__init__()
-        self.warping = warping
-
-    def forward(self, feature_3d: Tensor, kp_driving: Tensor, kp_source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w = self.warping
-        dm = w.dense_motion_network
-        # the plugins read keypoints as fp32 whatever the volume dtype (kernels/README.md)
-        kp_d, kp_s = kp_driving.float(), kp_source.float()
-        compressed = F.relu(dm.norm(dm.compress(feature_3d)))  # [B, 4, 16, 64, 64]
-        inp = kernel_ops.sparse_motion_features(compressed, kp_d, kp_s, impl="fused")  # [B, 110, 16, 64, 64]
-        prediction = dm.hourglass(inp)  # [B, 142, 16, 64, 64]
-        b, c, d, h, wd = prediction.shape
-        occlusion = torch.sigmoid(dm.occlusion(prediction.reshape(b, c * d, h, wd)))  # [B, 1, 64, 64]
-        fused = kernel_ops.flow_warp(feature_3d, dm.mask(prediction), kp_d, kp_s, return_deformation=True, impl="fused")
-        out, deformation = fused.out, fused.deformation
-        assert deformation is not None  # requested above
-        b, c, d, h, wd = out.shape  # [B, 32, 16, 64, 64]
-        out = w.fourth(w.third(out.reshape(b, c * d, h, wd)))  # [B, 256, 64, 64]
-        return out * occlusion, occlusion, deformation
 
 
 class WarpingDecoderGraph(nn.Module):
@@ -156,7 +133,7 @@ class WarpingDecoderGraph(nn.Module):
 
     def __init__(self, warping: nn.Module, decoder: SPADEDecoder):
         super().__init__()
-        self.warping = warping  # a WarpingGraph or FusedWarpingGraph
+        self.warping = warping  # a WarpingGraph
         self.decoder = decoder
 
     def forward(self, feature_3d: Tensor, kp_driving: Tensor, kp_source: Tensor) -> tuple[Tensor]:
@@ -198,15 +175,21 @@ def _keypoints(batch: int, gen: torch.Generator) -> Tensor:
 
 
 def renderer_graphs(
-    nets: LivePortraitNets, flavour: Flavour = "standard", names: Sequence[str] = RENDERER_GRAPHS
+    nets: LivePortraitNets,
+    flavour: Flavour = "standard",
+    names: Sequence[str] = RENDERER_GRAPHS,
+    *,
+    ops: WarpOps | None = None,
 ) -> dict[str, Graph]:
-    """Graphs of the renderer networks (they share the networks' parameters; nothing is copied)."""
+    """Graphs of the renderer networks (they share the networks' parameters; nothing is copied).
+
+    ``ops`` overrides the flavour's warping ops (a backend that runs the fused kernels without exporting)."""
     _check_flavour(flavour)
     c = nets.config
     n = c.input_size
     vol = c.volume_shape
     fs = c.feature_size
-    warp: nn.Module = FusedWarpingGraph(nets.warping) if flavour == "tensorrt" else WarpingGraph(nets.warping)
+    warp = WarpingGraph(nets.warping, ops if ops is not None else FLAVOUR_OPS[flavour])
     image = TensorSpec("image", (BATCH, 3, n, n))
     feature = TensorSpec("feature_3d", (BATCH, *vol))
     kps = (TensorSpec("kp_driving", (BATCH, NUM_KP, 3)), TensorSpec("kp_source", (BATCH, NUM_KP, 3)))

@@ -7,7 +7,7 @@
 * Engines are cached by GPU, TensorRT version, ONNX hash, precision and plugin-library hash; a timing cache
   (one per GPU and TensorRT version) makes rebuilds fast.
 
-TensorRT itself is imported only here and in :mod:`engine.backends.tensorrt_backend`; where it is missing every
+TensorRT itself is imported only here and in :mod:`export.backends.tensorrt_backend`; where it is missing every
 entry point raises :class:`TensorRTUnavailable` with what to install.
 """
 

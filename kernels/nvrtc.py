@@ -2,7 +2,7 @@
 
 The same sources are built into the TensorRT plugin by nvcc (kernels/CMakeLists.txt). Here each source is compiled
 once per GPU architecture: a cubin when this NVRTC knows the architecture, otherwise PTX for the newest one it
-knows (the driver finishes it). Results are cached in memory and on disk under ``engine_home()/kernel_cache``,
+knows (the driver finishes it). Results are cached in memory and on disk under :func:`cache_dir`,
 keyed by a hash of the sources, options and NVRTC version, so a changed kernel is never served stale.
 Kernels are loaded as context-independent libraries (cuLibraryLoadData) and launched on torch's current stream.
 
@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.paths import engine_home
 
 CSRC_DIR = Path(__file__).parent / "csrc"
 HEADERS = ("avatar_common.cuh",)
@@ -143,7 +141,13 @@ def _cache_key(name: str, target: str, source: bytes, headers: dict[str, bytes],
 
 
 def cache_dir() -> Path:
-    return engine_home() / "kernel_cache"
+    """``$AVATAR_ENGINE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/avatar-engine/kernels`` (``~/.cache``): compiled
+    images are a cache, rebuilt when missing, so they live with the user's caches rather than the engine's data."""
+    env = os.environ.get("AVATAR_ENGINE_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "avatar-engine" / "kernels"
 
 
 def compile_program(name: str, target: str) -> bytes:

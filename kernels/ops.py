@@ -16,7 +16,7 @@ time, else ``"auto"``.
 from __future__ import annotations
 
 import os
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -285,3 +285,12 @@ def sparse_motion_features(
     if use_fused(impl, compressed):
         return _sparse_motion_op(compressed, kp_driving, kp_source)
     return reference.sparse_motion_features(compressed, kp_driving, kp_source)
+
+
+# every custom op this module registers, by name: the exporter must translate each one (export.custom_ops)
+CUSTOM_OPS: dict[str, Any] = {
+    "grid_sample_3d": torch.ops.avatar_engine.grid_sample_3d,
+    "mask_deformation": torch.ops.avatar_engine.mask_deformation,
+    "flow_warp": torch.ops.avatar_engine.flow_warp,
+    "sparse_motion_features": torch.ops.avatar_engine.sparse_motion_features,
+}

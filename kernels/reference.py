@@ -3,7 +3,7 @@
 They are what ``impl="torch"`` runs and what the custom ops run on CPU. Unlike the spec-literal path
 (engine/models/warping_ops.py) they loop over the K+1 motions, so the [B, K+1, D, H, W, 3] sparse-motion tensor
 and the [B, K+1, C, D, H, W] deformed-feature tensor are never materialised; peak memory is one motion's worth.
-The coordinate grid follows LivePortrait (spec 3.1): align_corners=True spacing, sampled with align_corners=False.
+Coordinate grid as in docs/spec/liveportrait.md §3.1: align_corners=True spacing, sampled with align_corners=False.
 """
 
 from __future__ import annotations

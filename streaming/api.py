@@ -1,10 +1,13 @@
-"""What a transport (WebRTC server, websocket ingest, offline renderer, Python client) needs of a session.
+"""What a transport (WebRTC server, websocket ingest, offline renderer, agent frameworks) needs of the engine.
 
-``streaming.session`` implements it; transports depend only on this protocol.
+:class:`LiveSession` is one live session (``streaming.session`` implements it); :class:`SessionFactory` opens
+them and describes what it serves (``streaming.factory`` implements it over the runtime). Transports depend only
+on these two protocols; ``streaming.testing`` ships doubles of both for transport tests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,8 +29,9 @@ class LiveSession(Protocol):
         """Any rate; ``pcm`` is ``[n]`` or ``[n, channels]`` int16 or float32. Raises ValueError on bad input."""
         ...
 
-    def control(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Apply a control message (validated); returns the resulting state. Raises ControlError."""
+    def control(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a control message now and return the resulting state; it takes effect in order with the
+        audio. Raises ControlError naming the problem (unknown key, bad value, a control this mode cannot do)."""
         ...
 
     def interrupt(self) -> None: ...
@@ -47,3 +51,20 @@ class LiveSession(Protocol):
     async def close(self) -> None:
         """Free the session's tasks and buffers (idempotent)."""
         ...
+
+
+class SessionFactory(Protocol):
+    """What a server needs from the engine: a description of what it serves, and new sessions."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts for ``/health`` and the page: ``mode``, ``motion``, ``controls`` (the keys sessions
+        honour), ``untrained``, ``banner`` (a line the user must see, or None), ``avatar``, ``fps``, ``size``."""
+        ...
+
+    async def open_session(self) -> LiveSession: ...
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers of what serves the sessions (the render worker: calls, frames, batch size, call time)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from streaming.frames import SAMPLE_RATE
+from engine.audio.pcm import SAMPLE_RATE
 
 
 class Clock(Protocol):

@@ -1,19 +1,23 @@
 """Typed frames that flow between the session's stages (pipecat-style: small immutable messages).
 
+Data frames: :class:`AudioChunk` -> :class:`FeatureRows` -> :class:`MotionOut` -> :class:`Driven` -> (render
+worker) -> :class:`VideoFrame` with its :class:`OutputAudio`. System frames: :class:`Control` (a validated control
+state, applied by the motion stage on its own thread in order with the audio), :class:`Interrupt` (barge-in) and
+:class:`EndOfStream`.
+
 Time is counted in samples of the session's 16 kHz audio clock and in video frame indices; ``pts`` in seconds
 is derived, never stored independently, so audio and video cannot drift apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine.motion.base import MotionFrame
-
-SAMPLE_RATE = 16_000  # the engine's internal audio clock
+from engine.motion.control_schema import ControlState
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,23 @@ class AudioChunk:
 
 
 @dataclass(frozen=True)
+class FeatureRows:
+    """Feature rows ``[n, dim]`` from the feature stage (one row per video frame, in frame order)."""
+
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
 class MotionOut:
     motion: MotionFrame
+
+
+@dataclass(frozen=True)
+class Driven:
+    """Driving keypoints of one frame, ready for the renderer."""
+
+    frame_index: int
+    kp: torch.Tensor  # [1, 21, 3]
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,8 @@ class VideoFrame:
     fps: int
     rgb: np.ndarray  # [H, W, 3] uint8
     created: float = 0.0  # monotonic time the frame left the renderer (for latency metrics)
+    repeated: bool = False  # the same picture as the slot before: the renderer was late for this slot
+    lag: int = 0  # slots between this picture's own frame and this one (0: its own; > 0: a late or repeated one)
 
     @property
     def pts(self) -> float:
@@ -51,9 +72,9 @@ class OutputAudio:
 
 @dataclass(frozen=True)
 class Control:
-    """A validated control change (emotion, intensity, lip scale, pose mode, ...)."""
+    """The session's new control state (validated against the schema and the motion stage when it was sent)."""
 
-    values: dict[str, Any] = field(default_factory=dict)
+    state: ControlState
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ motion path) and the frame leaves with exactly that audio ``latency_s`` after th
 Offline (``realtime=False``) frames are committed as soon as their audio is complete, rendered as fast as
 possible and none is dropped. Every stage runs as its own task between bounded queues; the render worker is
 shared by all sessions of the process (:mod:`streaming.batching`).
+
+Controls: :meth:`Session.control` validates a message synchronously (the schema of
+:mod:`engine.motion.control_schema`, then the keys and values the motion stage honours), answers with the new
+state, and sends it as a :class:`~streaming.frames.Control` frame that the motion stage applies on its own thread
+after the audio that came before it. An interrupt travels the same way as an :class:`~streaming.frames.Interrupt`.
 """
 
 from __future__ import annotations
@@ -18,25 +23,26 @@ import contextlib
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.audio.pcm import MAX_PUSH_SECONDS, StreamingResampler
+from engine.audio.pcm import MAX_PUSH_SECONDS, SAMPLE_RATE, StreamingResampler
 from engine.config import ConfigError
+from engine.keypoints import rest_lips
 from engine.motion.base import FeatureStage, MotionStage
+from engine.motion.control_schema import Controllable, ControlState, ControlValueError, validate_control
 from engine.render.base import PreparedAvatar, Renderer
 from streaming.api import ControlError
 from streaming.batching import BatchRenderer, RenderJob, WorkerThread
 from streaming.clock import Clock, FrameSchedule, MonotonicClock, frame_bound
-from streaming.frames import SAMPLE_RATE, AudioChunk, EndOfStream, OutputAudio, VideoFrame
-from streaming.metrics import SessionMetrics
+from streaming.frames import AudioChunk, Control, Driven, EndOfStream, Interrupt, OutputAudio, VideoFrame
+from streaming.metrics import VIDEO_STATES, SessionMetrics, VideoHealth
 from streaming.stages import (
     AudioTimeline,
-    Controllable,
-    Driven,
     DriveStep,
     FeatureStep,
     MotionStep,
@@ -52,15 +58,18 @@ _ids = itertools.count(1)
 class SessionConfig:
     fps: int = 25
     lookahead_frames: int | None = None  # frames held for lookahead (features + motion); None: what the stages need
-    jitter_s: float = 0.04  # live: audio may arrive this late before its frame is committed (else: silence)
+    jitter_s: float = 0.02  # live: audio may arrive this late before its frame is committed (else: silence)
     compute_frames: int = 2  # live: render budget in frames, part of the latency
+    interrupt_ease_frames: int = 3  # live: frames in flight at a barge-in close the mouth over this many frames
+    late_picture_frames: int = 1  # live: a picture rendered late is shown up to this many slots after its own
+    stall_s: float = 0.5  # live: ... and at any lag once no new picture was shown for this long (never freeze)
     realtime: bool = True  # False: offline, as fast as possible, nothing dropped
     max_buffer_s: float = 30.0  # live: audio buffered ahead of the clock (a TTS burst); the excess is dropped
     queue_frames: int = 32  # bound of every queue between stages
     offload: bool = True  # run features and motion in a thread of the session (False: on the loop, for tests)
 
     def __post_init__(self) -> None:
-        for name in ("fps", "compute_frames", "queue_frames"):
+        for name in ("fps", "compute_frames", "queue_frames", "interrupt_ease_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -74,15 +83,30 @@ class SessionConfig:
             raise ValueError(f"lookahead_frames must be an integer in 0..250 or None, got {self.lookahead_frames!r}")
         if self.compute_frames < 0:
             raise ValueError(f"compute_frames must be >= 0, got {self.compute_frames}")
+        if self.interrupt_ease_frames < 1:
+            raise ValueError(f"interrupt_ease_frames must be >= 1, got {self.interrupt_ease_frames}")
         if self.queue_frames < 2:
             raise ValueError(f"queue_frames must be >= 2, got {self.queue_frames}")
-        for name in ("jitter_s", "max_buffer_s"):
+        if self.late_picture_frames < 0:
+            raise ValueError(f"late_picture_frames must be >= 0, got {self.late_picture_frames}")
+        for name in ("jitter_s", "max_buffer_s", "stall_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("realtime", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+def stage_lookahead(features: FeatureStage, motion: MotionStage, fps: int) -> int:
+    """Frames of audio past frame ``n`` its motion needs: the feature stage's window, then the motion lookahead."""
+    spf = SAMPLE_RATE // fps
+    return int(motion.lookahead_frames) + -(-int(getattr(features, "lookahead_samples", 0)) // spf)
+
+
+def latency_budget_s(config: SessionConfig, lookahead_frames: int) -> float:
+    """Live audio-in -> frame-out latency: ``jitter + (lookahead + compute frames) / fps``."""
+    return config.jitter_s + (lookahead_frames + config.compute_frames) / config.fps
 
 
 @dataclass
@@ -106,13 +130,12 @@ class Session:
         config: SessionConfig | None = None,
         clock: Clock | None = None,
         session_id: str | None = None,
+        motion_name: str | None = None,
     ) -> None:
         self.config = cfg = config or SessionConfig()
         if features.fps != cfg.fps:
             raise ConfigError(f"feature stage runs at {features.fps} fps but the session at {cfg.fps} fps")
-        # rows for frame n need audio past it (the feature stage's window), then the motion stage's lookahead
-        spf = SAMPLE_RATE // cfg.fps
-        need = int(motion.lookahead_frames) + -(-int(getattr(features, "lookahead_samples", 0)) // spf)
+        need = stage_lookahead(features, motion, cfg.fps)
         self.lookahead_frames = need if cfg.lookahead_frames is None else cfg.lookahead_frames
         if self.lookahead_frames < need:
             raise ConfigError(
@@ -123,10 +146,14 @@ class Session:
         self.size = renderer.size
         self.untrained = bool(renderer.untrained) or bool(getattr(motion, "untrained", False))
         self.clock: Clock = clock or MonotonicClock()
-        self.latency_s = cfg.jitter_s + (self.lookahead_frames + cfg.compute_frames) / cfg.fps
+        self.latency_s = latency_budget_s(cfg, self.lookahead_frames)
         self.renderer = renderer
         self.prepared = prepared
         self.motion = motion
+        self.motion_name = motion_name or type(motion).__name__
+        self.controls_honoured = dict(motion.CONTROLS) if isinstance(motion, Controllable) else {}
+        self.control_state = ControlState()
+        self._system: deque[Control | Interrupt] = deque()  # sent to the stages ahead of the next audio
         self._features = FeatureStep(features)
         self._motion = MotionStep(motion, catch_up=self._catch_up if cfg.realtime else None)
         self._stage_thread = WorkerThread(f"{self.id}-stages") if cfg.offload else None
@@ -135,6 +162,7 @@ class Session:
         max_pending = int(cfg.max_buffer_s * SAMPLE_RATE) if cfg.realtime else None
         self._timeline = AudioTimeline(cfg.fps, max_pending)
         self.metrics_ = SessionMetrics()
+        self.health = VideoHealth(self.id)
         self.generation = 0
         self._interrupt_horizon = 0  # frames below it that were not rendered were lost to an interrupt
         self._q_audio: asyncio.Queue[Packet] = asyncio.Queue(cfg.queue_frames)
@@ -144,6 +172,10 @@ class Session:
         self._video_out: asyncio.Queue[VideoFrame | None] = asyncio.Queue(cfg.queue_frames)
         self._audio_out: asyncio.Queue[OutputAudio | None] = asyncio.Queue(cfg.queue_frames)
         self._rendered: dict[int, _Rendered] = {}
+        self._picture: tuple[int, _Rendered] | None = None  # the newest picture shown or to show (index, picture)
+        self._shown_picture = -1  # frame index of the picture the last released slot showed
+        self._shown_new_at = -math.inf  # clock time a slot last showed a new picture
+        self._shown: _Rendered | None = None  # the picture the last released slot showed
         self._next_out = 0  # next frame the output releases
         self._input = asyncio.Event()  # new input audio (or the end)
         self._render_event = asyncio.Event()  # a frame was rendered or dropped (offline output waits on it)
@@ -216,24 +248,36 @@ class Session:
         self._timeline.append(samples, self.clock.now())
         self._input.set()
 
-    def control(self, message: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(message, Mapping):
-            raise ControlError(f"a control message must be a JSON object, got {type(message).__name__}")
-        if not isinstance(self.motion, Controllable):
-            raise ControlError(f"the {type(self.motion).__name__} motion stage takes no controls")
+    def control(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``message`` now and return the new state; the motion stage applies it on its thread."""
+        if self._closed:
+            raise ControlError(f"{self.id} is closed")
         try:
-            state = self.motion.update_controls(dict(message))
-        except ControlError:
-            raise
-        except (ValueError, TypeError) as exc:
+            values = validate_control(message)
+            refused = sorted(set(values) - set(self.controls_honoured))
+            if refused:
+                raise ControlValueError(
+                    f"{', '.join(refused)}: not supported by the {self.motion_name} motion generator, which "
+                    f"honours {sorted(self.controls_honoured) or 'no controls'}"
+                )
+            state = self.control_state.apply(values)
+            if isinstance(self.motion, Controllable):
+                self.motion.check_controls(state)
+        except ControlValueError as exc:
             raise ControlError(str(exc)) from exc
-        return dict(state.as_dict()) if hasattr(state, "as_dict") else dict(state)
+        self.control_state = state
+        self._system.append(Control(state))
+        self._input.set()
+        return state.as_dict()
 
     def interrupt(self) -> None:
-        """Barge-in: input not yet committed is forgotten, committed audio plays as silence, motion and frames in
-        flight are dropped; the motion stage returns to idle on the next frame."""
+        """Barge-in: input not yet committed is forgotten, committed audio plays as silence from the next frame, and
+        the frames already in flight are rendered again with the mouth closing over ``interrupt_ease_frames``
+        (so speech stops on screen at once and the video never freezes); the motion stage resumes from rest."""
         if self._closed:
             return
+        self._system.append(Interrupt())
+        self._input.set()
         self.generation += 1
         self._timeline.interrupt()
         self._interrupt_horizon = self._timeline.committed
@@ -241,6 +285,17 @@ class Session:
         self._slot.discard(lambda job: job.generation == gen)
         for n in [k for k, r in self._rendered.items() if r.generation != gen]:
             del self._rendered[n]
+        if self.config.realtime:
+            self._close_mouth_in_flight()
+
+    def _close_mouth_in_flight(self) -> None:
+        """Re-drive frames ``[next out, committed)`` from their motion with the lips eased to rest."""
+        first, rest = self._next_out, self.prepared.source.params
+        ease = self.config.interrupt_ease_frames
+        for n in range(first, self._timeline.committed):
+            closed = rest_lips(self._drive.motion_at(n), rest, min(1.0, (n - first + 1) / ease))
+            driven = self._drive.drive_params(n, closed)
+            self._slot.push_live(RenderJob(n, self.generation, driven.kp, self._schedule.due_time(n)))
 
     def end_of_stream(self) -> None:
         if self._closed or self._timeline.ended:
@@ -284,8 +339,12 @@ class Session:
                 "q_video_out": float(self._video_out.qsize()),
                 "q_audio_out": float(self._audio_out.qsize()),
                 "render_batch_ms": self._slot.worker.render_time * 1000.0,
+                "frames_skipped": float(self._slot.skipped),
+                "video_state": float(VIDEO_STATES.index(self.health.state)),
+                "video_state_changes": float(self.health.changes),
             }
         )
+        out.update(self.metrics_.histogram())
         return out
 
     async def close(self) -> None:
@@ -324,6 +383,8 @@ class Session:
         return self._timeline.committed - 1
 
     async def _forward(self) -> None:
+        while self._system:
+            await self._q_audio.put((self.generation, self._system.popleft()))
         for frame in self._timeline.take_unforwarded():
             chunk = AudioChunk(frame.samples, frame_bound(frame.index, self.fps))
             await self._q_audio.put((self.generation, chunk))
@@ -341,6 +402,9 @@ class Session:
         else:
             while not tl.exhausted:
                 if tl.commit_ready() is None:
+                    if self._system:  # a control or interrupt with no new audio yet: it goes now
+                        await self._forward()
+                        continue
                     self._input.clear()
                     await self._input.wait()
                     continue
@@ -363,12 +427,16 @@ class Session:
 
     def _deliver(self, job: RenderJob, rgb: np.ndarray, now: float) -> None:
         self.metrics_.frames_rendered += 1
-        if job.frame_index < self._next_out or job.generation != self.generation:
-            # finished after its slot (the output already counted it) or interrupted: not shown
-            self._render_event.set()
-            return
-        self._rendered[job.frame_index] = _Rendered(job.generation, rgb, now)
         self._render_event.set()
+        if job.generation != self.generation:
+            return  # interrupted: not shown
+        picture = _Rendered(job.generation, rgb, now)
+        if job.frame_index >= self._next_out:
+            self._rendered[job.frame_index] = picture
+        elif self._picture is None or job.frame_index > self._picture[0]:
+            # finished after its slot: too late for it, but the freshest picture for the slots that follow
+            self.metrics_.frames_late += 1
+            self._picture = (job.frame_index, picture)
 
     def _dropped(self, job: RenderJob) -> None:
         """The worker skipped the job (it could not be ready in time); the output counts the missing frame."""
@@ -439,9 +507,32 @@ class Session:
             live_at = self._schedule.live_time(n) if self.config.realtime else -math.inf
             arrival = max(x for x in (committed.arrival, live_at) if x is not None)
             self.metrics_.frame_out(now, now - arrival if math.isfinite(arrival) else None)
+            self._picture = (n, rendered)
+            self._shown_picture, self._shown_new_at, self._shown = n, now, rendered
+            if self.config.realtime:
+                self.health.record(now, True)
             return audio, VideoFrame(n, self.fps, rendered.rgb, rendered.created)
         if n < self._interrupt_horizon:
             self.metrics_.frames_interrupted += 1
+        self.metrics_.frames_dropped += 1
+        if self._picture is None:
+            if self.config.realtime:
+                self.health.record(now, False)
+            return audio, None  # nothing rendered yet (the first frames of a session)
+        # the renderer was late: the track keeps its rate with the newest picture while the audio plays on. A late
+        # picture is shown while it is at most late_picture_frames behind (lip sync holds within a frame); beyond
+        # that the last picture repeats, unless nothing new was shown for stall_s (then a late one beats a freeze)
+        index, picture = self._picture
+        cfg = self.config
+        new = index > self._shown_picture and (
+            n - index <= cfg.late_picture_frames or now - self._shown_new_at >= cfg.stall_s
+        )
+        if new or self._shown is None:
+            self._shown_picture, self._shown_new_at, self._shown = index, now, picture
+            self.metrics_.frame_out(now, None, on_time=False)
         else:
-            self.metrics_.frames_dropped += 1
-        return audio, None
+            index, picture = self._shown_picture, self._shown
+            self.metrics_.frames_repeated += 1
+        if self.config.realtime:
+            self.health.record(now, new)
+        return audio, VideoFrame(n, self.fps, picture.rgb, picture.created, repeated=not new, lag=n - index)

@@ -1,57 +1,34 @@
 """The session's stages: the audio time line, features, motion, keypoints.
 
 Each stage is a small synchronous object with one ``process(frame) -> list[frame]`` step (testable without an
-event loop); :func:`run_stage` moves its typed frames between bounded asyncio queues. Frames travel as
-``(generation, frame)`` packets: an interrupt bumps the session's generation, and frames of an older generation
-are dropped (or, before the feature stage, silenced so the per-frame row count stays exact).
+event loop); :func:`run_stage` moves its typed frames (:mod:`streaming.frames`) between bounded asyncio queues.
+Frames travel as ``(generation, frame)`` packets: an interrupt bumps the session's generation, and frames of an
+older generation are dropped (or, before the feature stage, silenced so the per-frame row count stays exact).
+:class:`~streaming.frames.Control` frames are never dropped: the motion stage applies each one on its own thread,
+after the audio that came before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import TypeAlias
 
 import numpy as np
 import torch
 
+from engine.keypoints import MotionParams
 from engine.motion.base import FeatureStage, MotionFrame, MotionStage
+from engine.motion.control_schema import Controllable
 from engine.render.base import PreparedAvatar, Renderer
 from streaming.batching import WorkerThread
 from streaming.clock import frame_bound
-from streaming.frames import AudioChunk, Control, EndOfStream, Interrupt, MotionOut
-
-
-@dataclass(frozen=True)
-class FeatureRows:
-    """Feature rows ``[n, dim]`` from the feature stage (one row per video frame, in frame order)."""
-
-    rows: np.ndarray
-
-
-@dataclass(frozen=True)
-class Driven:
-    """Driving keypoints of one frame, ready for the renderer."""
-
-    frame_index: int
-    kp: torch.Tensor  # [1, 21, 3]
-
+from streaming.frames import AudioChunk, Control, Driven, EndOfStream, FeatureRows, Interrupt, MotionOut
 
 Frame: TypeAlias = AudioChunk | FeatureRows | MotionOut | Driven | Control | Interrupt | EndOfStream
 Packet: TypeAlias = tuple[int, Frame]  # (generation, frame)
-
-
-@runtime_checkable
-class Controllable(Protocol):
-    """A motion stage that takes live controls (emotion, intensity, lip scale, ...)."""
-
-    def update_controls(self, message: Mapping[str, Any]) -> Any:
-        """Validate and apply; returns the resulting state (a dict, or an object with ``as_dict()``).
-
-        Raises ValueError on a bad message; the previous state then stays in effect."""
-        ...
 
 
 # --- the audio time line -------------------------------------------------------------------------------------
@@ -249,22 +226,44 @@ class MotionStep:
                 self._interrupt()
                 return []
             return self._out(frames)
+        if isinstance(frame, Control):
+            if isinstance(self.motion, Controllable):
+                self.motion.apply_controls(frame.state)
+            return []
         if isinstance(frame, EndOfStream):
             return [*self._out(self.motion.flush()), frame]
         return [frame]
 
 
 class DriveStep:
-    """MotionOut -> Driven: the renderer's keypoint path (rotation, expression, stitching) for one avatar."""
+    """MotionOut -> Driven: the renderer's keypoint path (rotation, expression, stitching) for one avatar.
 
-    def __init__(self, renderer: Renderer, prepared: PreparedAvatar) -> None:
+    The motion of the frames it drove is kept (``params``, the newest ``keep`` frames) so an interrupt can re-drive
+    the frames already in flight with the mouth closing instead of throwing them away."""
+
+    def __init__(self, renderer: Renderer, prepared: PreparedAvatar, keep: int = 64) -> None:
         self.renderer = renderer
         self.prepared = prepared
+        self.keep = keep
+        self.params: dict[int, MotionParams] = {}
+
+    def drive_params(self, index: int, params: MotionParams) -> Driven:
+        with torch.inference_mode():
+            kp = self.renderer.drive(self.prepared, params)  # [1, 21, 3]
+        return Driven(index, kp.reshape(1, -1, 3))
 
     def drive(self, motion: MotionFrame) -> Driven:
-        with torch.inference_mode():
-            kp = self.renderer.drive(self.prepared, motion.params)  # [1, 21, 3]
-        return Driven(motion.frame_index, kp.reshape(1, -1, 3))
+        self.params[motion.frame_index] = motion.params
+        for old in [k for k in self.params if k <= motion.frame_index - self.keep]:
+            del self.params[old]
+        return self.drive_params(motion.frame_index, motion.params)
+
+    def motion_at(self, index: int) -> MotionParams:
+        """The motion driven for ``index``, else the newest one before it, else the portrait's own."""
+        if index in self.params:
+            return self.params[index]
+        earlier = [k for k in self.params if k < index]
+        return self.params[max(earlier)] if earlier else self.prepared.source.params
 
     def process(self, frame: Frame, stale: bool, generation: int) -> list[Frame]:
         if isinstance(frame, MotionOut):

@@ -32,6 +32,7 @@ def engine_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own engine home: no test reads or writes the user's real store."""
     home = tmp_path / "engine-home"
     monkeypatch.setenv("AVATAR_ENGINE_HOME", str(home))
+    monkeypatch.setenv("AVATAR_ENGINE_KERNEL_CACHE", str(home / "kernel_cache"))
     return home
 
 

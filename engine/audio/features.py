@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.audio.pcm import TARGET_RATE
+from engine.audio.pcm import SAMPLE_RATE
 
 
 @dataclass(frozen=True)
 class LogMelConfig:
-    sample_rate: int = TARGET_RATE
+    sample_rate: int = SAMPLE_RATE
     fps: int = 25
     n_mels: int = 80
     n_fft: int = 512
@@ -180,7 +180,7 @@ def rms_db(x: np.ndarray, floor_db: float = -100.0) -> float:
 def frame_loudness_db(pcm: np.ndarray, fps: int = 25, floor_db: float = -100.0) -> np.ndarray:
     """Per-video-frame RMS dB of 16 kHz mono audio -> ``[ceil(n / (16000 / fps))]`` float32 (last frame zero-padded)."""
     pcm = _check_mono16k(pcm)
-    spf = TARGET_RATE // fps
+    spf = SAMPLE_RATE // fps
     n = math.ceil(pcm.shape[0] / spf)
     padded = np.zeros(n * spf, np.float64)
     padded[: pcm.shape[0]] = pcm
@@ -212,11 +212,11 @@ class LoudnessFeatures:
     dim = 1
 
     def __init__(self, fps: int = 25, floor_db: float = -100.0) -> None:
-        if TARGET_RATE % fps:
-            raise ValueError(f"fps {fps} must divide {TARGET_RATE}")
+        if SAMPLE_RATE % fps:
+            raise ValueError(f"fps {fps} must divide {SAMPLE_RATE}")
         self.fps = fps
         self.floor_db = floor_db
-        self._spf = TARGET_RATE // fps
+        self._spf = SAMPLE_RATE // fps
         self.reset()
 
     def reset(self) -> None:

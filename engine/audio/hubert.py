@@ -1,6 +1,6 @@
 """Ditto's streaming HuBERT features (1024-d at 25 fps) from the user's ``hubert_streaming_fix_kv.onnx``.
 
-Spec ``ditto_lmdm.md`` §5.1: one model call per 6480-sample chunk (hop 3200 = 5 video frames); of the 50 Hz
+Spec ``docs/spec/ditto.md`` §5.1: one model call per 6480-sample chunk (hop 3200 = 5 video frames); of the 50 Hz
 encodings it returns, ``[-14:-4]`` are kept and averaged in pairs -> 5 rows per chunk. The stream is prefixed with
 ``prefix_samples`` zeros: 1920 in Ditto's online pipeline, 2000 in its offline ``wav2feat`` (which this class then
 reproduces exactly, see :func:`hubert_offline`). Row ``5k + j`` therefore needs audio up to

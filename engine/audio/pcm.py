@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
-TARGET_RATE = 16000
+SAMPLE_RATE = 16_000  # the engine's audio clock: every stage works on 16 kHz mono float32
 MIN_RATE = 8000
 MAX_RATE = 96000
 MAX_CHANNELS = 8
@@ -68,7 +68,7 @@ class StreamingResampler:
     """
 
     def __init__(
-        self, out_rate: int = TARGET_RATE, quality: str = "HQ", max_seconds: float | None = MAX_PUSH_SECONDS
+        self, out_rate: int = SAMPLE_RATE, quality: str = "HQ", max_seconds: float | None = MAX_PUSH_SECONDS
     ) -> None:
         self.out_rate = out_rate
         self.quality = quality
@@ -116,3 +116,10 @@ def to_mono_16k(pcm: np.ndarray, sample_rate: int, max_seconds: float | None = M
     rs = StreamingResampler(max_seconds=max_seconds)
     out = rs.push(pcm, sample_rate)
     return np.concatenate([out, rs.flush()])
+
+
+def resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """One-shot resampling of mono float audio ``[n]`` (soxr, high quality) -> float32 ``[m]``."""
+    if rate_in == rate_out:
+        return np.asarray(audio, np.float32)
+    return np.asarray(soxr.resample(np.asarray(audio, np.float32), rate_in, rate_out, quality="HQ"), np.float32)

@@ -7,6 +7,7 @@ Sources, best first:
   * OpenCV's Haar cascade, when the installed OpenCV ships it (opencv-python 4.x does; 5.x dropped it);
   * a region the user gives (``--crop x,y,w,h``).
 Nothing is downloaded: without any of these the caller gets an error asking for ``--crop``.
+Without a landmark model, 68 landmarks come from the weight-free template fit of ``engine.avatar.landmarks``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from engine.avatar.geometry import (
     warp_crop,
 )
 from engine.avatar.image import AvatarError
+from engine.avatar.landmarks import SCHEME as TEMPLATE_SCHEME
+from engine.avatar.landmarks import LandmarkError, TemplateLandmarker
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +64,11 @@ class FaceCrop:
     crop: np.ndarray  # [S, S, 3] uint8 RGB
     crop_to_image: np.ndarray  # [2, 3] float64
     landmarks: np.ndarray | None  # [N, 2] float32 in crop pixels
-    landmark_scheme: str  # "lp203", "insightface106", "" (none)
+    landmark_scheme: str  # "lp203", "insightface106", "ibug68", "" (none)
     method: str  # how the face was found: "scrfd", "haar", "manual", "landmarks"
     rect: CropRect
+    landmark_method: str = ""  # what made the landmarks: "2d106det", "landmark203", "template:..."
+    landmark_note: str = ""  # why there are none, when the template fit was tried and failed
 
 
 def _session(path: Path) -> Any:
@@ -279,7 +284,13 @@ def parse_crop(text: str) -> tuple[int, int, int, int]:
 class FaceLocator:
     """Find the face in a portrait and cut the renderer's crop, using whatever detectors are available."""
 
-    def __init__(self, detectors_dir: Path | None = None, use_haar: bool = True, crop_size: int = CROP_SIZE) -> None:
+    def __init__(
+        self,
+        detectors_dir: Path | None = None,
+        use_haar: bool = True,
+        crop_size: int = CROP_SIZE,
+        use_template: bool = True,
+    ) -> None:
         self.crop_size = crop_size
         found = {
             key: detectors_dir / name
@@ -291,6 +302,8 @@ class FaceLocator:
         self.lmk203 = Landmark203(found["lmk203"]) if "lmk203" in found else None
         haar = haar_cascade_path() if use_haar else None
         self.haar = HaarDetector(haar) if haar is not None else None
+        # weight-free 68 landmarks when no landmark model is imported (engine.avatar.landmarks)
+        self.template = TemplateLandmarker() if use_template else None
 
     def describe(self) -> str:
         names = [n for n, d in (("scrfd", self.scrfd), ("2d106det", self.lmk106), ("landmark203", self.lmk203)) if d]
@@ -319,7 +332,7 @@ class FaceLocator:
         landmarks, image pixels) place the crop when no detector finds a face."""
         h, w = rgb.shape[:2]
         points: np.ndarray | None = None
-        scheme = ""
+        scheme = how = note = ""
         if crop is not None:
             x, y, cw, ch = crop
             if x >= w or y >= h or x + cw <= 0 or y + ch <= 0:
@@ -327,6 +340,10 @@ class FaceLocator:
             rect, method = rect_from_region(x, y, cw, ch), "manual"
             if self.lmk203 is not None:
                 points, scheme = self.lmk203.predict_in_rect(rgb, _landmark_rect_in(rect)), "lp203"
+                how = "landmark203"
+            elif self.template is not None:
+                points, how, note = self._template_points(rgb, self._face_in_region(rgb, crop), None)
+                scheme = TEMPLATE_SCHEME if points is not None else ""
         else:
             face, method = self.detect(rgb)
             if face is None:
@@ -337,33 +354,65 @@ class FaceLocator:
                     )
                 rect, method = rect_from_points(fallback_points), "landmarks"
             else:
-                rect, points, scheme = self._rect_from_face(rgb, face, method)
+                rect, points, scheme, how, note = self._rect_from_face(rgb, face, method)
         cut, crop_to_image = warp_crop(rgb, rect, self.crop_size)
         landmarks = None
         if points is not None:
             landmarks = apply_affine(invert_affine(crop_to_image), points).astype(np.float32)
-        return FaceCrop(cut, crop_to_image, landmarks, scheme, method, rect)
+        return FaceCrop(cut, crop_to_image, landmarks, scheme, method, rect, how, note)
 
-    def _rect_from_face(self, rgb: np.ndarray, face: FaceBox, method: str) -> tuple[CropRect, np.ndarray | None, str]:
+    def _face_in_region(self, rgb: np.ndarray, region: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+        """The face box for a user's ``--crop``: the largest detected face centred inside it, else the region."""
+        x, y, cw, ch = region
+        face, _ = self.detect(rgb)
+        if face is not None:
+            fx, fy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+            if x <= fx < x + cw and y <= fy < y + ch:
+                return face.box
+        return (float(x), float(y), float(x + cw), float(y + ch))
+
+    def _template_points(
+        self, rgb: np.ndarray, box: tuple[float, float, float, float], kps: np.ndarray | None
+    ) -> tuple[np.ndarray | None, str, str]:
+        """(68 points in image pixels or None, how they were made, why there are none)."""
+        if self.template is None:
+            return None, "", ""
+        try:
+            fit = self.template.fit(rgb, box, kps)
+        except LandmarkError as exc:
+            logger.info("template landmarks: %s", exc)
+            return None, "", str(exc)
+        return fit.points, fit.method, ""
+
+    def _rect_from_face(
+        self, rgb: np.ndarray, face: FaceBox, method: str
+    ) -> tuple[CropRect, np.ndarray | None, str, str, str]:
+        """(crop rect, landmarks in image pixels or None, scheme, what made them, why there are none)."""
         angle = 0.0
         if face.kps is not None:
             eyes, mouth = face.kps[:2].mean(axis=0), face.kps[3:5].mean(axis=0)
             angle = angle_from_down(mouth - eyes)
         points: np.ndarray | None = None
-        scheme = ""
+        scheme = how = note = ""
         if self.lmk106 is not None:
-            points, scheme = self.lmk106.predict(rgb, face.box), "insightface106"
+            points, scheme, how = self.lmk106.predict(rgb, face.box), "insightface106", "2d106det"
         if self.lmk203 is not None:
             around = (
                 rect_from_points(points, angle, scale=1.5, vy=-0.1)
                 if points is not None
                 else rect_from_box(face.box, angle, scale=1.5, vy=-0.1)
             )
-            points, scheme = self.lmk203.predict_in_rect(rgb, around), "lp203"
+            points, scheme, how = self.lmk203.predict_in_rect(rgb, around), "lp203", "landmark203"
+        if points is None:
+            points, how, note = self._template_points(rgb, face.box, face.kps)
+            if points is not None:
+                scheme = TEMPLATE_SCHEME
+                eyes = points[36:48].mean(axis=0)
+                angle = angle_from_down(points[[48, 54]].mean(axis=0) - eyes)
         if points is not None:
-            return rect_from_points(points, angle), points, scheme
+            return rect_from_points(points, angle), points, scheme, how, note
         scale, vy = BOX_FRAMING.get(method, (CROP_SCALE, CROP_VY))
-        return rect_from_box(face.box, angle, scale=scale, vy=vy), None, ""
+        return rect_from_box(face.box, angle, scale=scale, vy=vy), None, "", "", note
 
 
 def _landmark_rect_in(rect: CropRect) -> CropRect:

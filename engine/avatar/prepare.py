@@ -1,31 +1,34 @@
-"""Turning a user's portrait into an :class:`Avatar`: validate, find and crop the face, read landmarks, and run
-the appearance (F) and motion (M) extractors once so every later frame reuses their outputs."""
+"""Turning a user's portrait into an :class:`Avatar`: validate, find and crop the face, read landmarks.
+
+The neural features (F and M outputs) are computed by the neural renderer
+(:meth:`engine.render.neural.NeuralRenderer.compute_features`) and cached in the store per weights id."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cv2
 import numpy as np
-import torch
 
 from engine.avatar.face import FaceLocator
 from engine.avatar.geometry import apply_affine, invert_affine
 from engine.avatar.image import AvatarError, load_image
+from engine.avatar.landmarks import CLASSIC_SCHEMES
 from engine.avatar.record import Avatar
 from engine.paths import default_weights_dir
-
-if TYPE_CHECKING:
-    from engine.models.liveportrait import LivePortraitNets
 
 logger = logging.getLogger(__name__)
 
 MAX_LANDMARKS = 1000
 # number of points -> scheme name, for user landmark files that do not name their scheme
 _SCHEMES_BY_COUNT = {203: "lp203", 106: "insightface106", 68: "ibug68"}
+
+
+class MissingLandmarksError(AvatarError):
+    """The avatar must drive classic mode but has no 68-point landmarks; the message says why (no flags:
+    the command that catches it knows which options it has)."""
 
 
 def read_landmarks(path: Path | str) -> tuple[np.ndarray, str]:
@@ -61,55 +64,40 @@ def read_landmarks(path: Path | str) -> tuple[np.ndarray, str]:
     return points, scheme or _SCHEMES_BY_COUNT.get(len(points), f"user{len(points)}")
 
 
-def _nets_input(crop: np.ndarray, size: int) -> torch.Tensor:
-    """[S, S, 3] uint8 -> [1, 3, size, size] float32 in [0, 1] (LivePortrait: bilinear resize, /255)."""
-    if crop.shape[0] != size:
-        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
-    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 255.0
-    return x.clamp_(0.0, 1.0)
-
-
-@torch.no_grad()
-def compute_features(nets: LivePortraitNets, crop: np.ndarray) -> dict[str, np.ndarray]:
-    """Run F and M once on the crop: ``{"feature_3d": [C, D, H, W], "kp", "pitch", "yaw", "roll", "t", "exp",
-    "scale"}`` (raw M head outputs, batch dimension dropped), float32."""
-    first = next(nets.appearance.parameters())
-    x = _nets_input(crop, nets.config.input_size).to(device=first.device, dtype=first.dtype)
-    features = {"feature_3d": nets.appearance(x)[0]}
-    motion = nets.motion(x)
-    for key, value in motion._asdict().items():
-        features[key] = value[0]
-    return {k: v.detach().float().cpu().numpy() for k, v in features.items()}
-
-
 def prepare_avatar(
     image_path: Path | str,
     name: str,
-    nets: LivePortraitNets | None = None,
     crop: tuple[int, int, int, int] | None = None,
     landmarks_file: Path | str | None = None,
     detectors_dir: Path | None = None,
     locator: FaceLocator | None = None,
+    require_classic: bool = False,
 ) -> Avatar:
     """Everything computed once per portrait.
 
-    ``nets``: compute F/M features for these weights (stored under ``nets.weights_id``); None leaves
-    ``features`` empty (classic mode needs only the crop and landmarks). ``crop``: face region ``x, y, w, h``
+    ``crop``: face region ``x, y, w, h``
     in pixels, instead of detection. ``landmarks_file``: the user's landmarks in the photo's pixels (used
     instead of the detector's, and to place the crop when no detector finds the face). ``detectors_dir``:
     where the imported detector ONNX models are (default: the engine home's ``weights/liveportrait/detectors``).
+    ``require_classic``: the avatar will drive classic mode, so fail (:class:`MissingLandmarksError`) before
+    any feature is computed when it has no 68-point landmarks.
     """
     loaded = load_image(image_path)
     user_points, user_scheme = read_landmarks(landmarks_file) if landmarks_file is not None else (None, "")
     if locator is None:
         locator = FaceLocator(detectors_dir if detectors_dir is not None else default_weights_dir() / "detectors")
     face = locator.locate(loaded.rgb, crop=crop, fallback_points=user_points, source=str(image_path))
-    landmarks, scheme = face.landmarks, face.landmark_scheme
+    landmarks, scheme, how = face.landmarks, face.landmark_scheme, face.landmark_method
     if user_points is not None:
         landmarks = apply_affine(invert_affine(face.crop_to_image), user_points).astype(np.float32)
-        scheme = user_scheme
-    logger.info("avatar %r: face by %s, landmarks %s", name, face.method, scheme or "none")
-    features = {nets.weights_id: compute_features(nets, face.crop)} if nets is not None else {}
+        scheme, how = user_scheme, "file"
+    logger.info("avatar %r: face by %s, landmarks %s (%s)", name, face.method, scheme or "none", how or "-")
+    if require_classic and (landmarks is None or scheme not in CLASSIC_SCHEMES or len(landmarks) != 68):
+        where = "in the --crop region" if face.method == "manual" else "on the face it found"
+        why = f"no landmarks {where}: {face.landmark_note or 'no landmark source'}"
+        if landmarks is not None:
+            why = f"its landmarks ({len(landmarks)} points, scheme {scheme!r}) are not a 68-point layout classic reads"
+        raise MissingLandmarksError(f"{image_path}: {why}")
     return Avatar(
         name=name,
         content_hash=loaded.content_hash,
@@ -118,5 +106,5 @@ def prepare_avatar(
         crop_to_image=face.crop_to_image,
         landmarks=landmarks,
         landmark_scheme=scheme,
-        features=features,
+        landmark_method=how,
     )

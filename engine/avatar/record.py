@@ -19,3 +19,5 @@ class Avatar:
     # neural features per weights id (the store caches them; they depend on the weights that made them):
     # {"feature_3d": [32,16,64,64], "kp": [63], "pitch"/"yaw"/"roll": [66], "t": [3], "exp": [63], "scale": [1]}
     features: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # what made the landmarks: "file" (the user's), "drawn", "2d106det", "landmark203", "template:..."
+    landmark_method: str = ""

@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from engine.avatar.default import default_portrait
 from engine.avatar.geometry import CROP_SIZE
 from engine.avatar.image import AvatarError
 from engine.avatar.record import Avatar
@@ -157,6 +158,7 @@ class AvatarStore:
             landmarks=None if landmarks is None else np.asarray(landmarks, dtype=np.float32),
             landmark_scheme=str(meta.get("landmark_scheme", "")),
             features=self._feature_ids(entry),
+            landmark_method=str(meta.get("landmark_method", "")),
         )
 
     # -- changes -------------------------------------------------------------------------------------------
@@ -218,6 +220,7 @@ class AvatarStore:
             "crop_to_image": np.asarray(avatar.crop_to_image, dtype=np.float64).tolist(),
             "landmarks": None if avatar.landmarks is None else np.asarray(avatar.landmarks, np.float64).tolist(),
             "landmark_scheme": avatar.landmark_scheme,
+            "landmark_method": avatar.landmark_method,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **dict(info),
         }
@@ -278,7 +281,6 @@ class AvatarStore:
 
 def _default_avatar() -> Avatar:
     """The drawn default portrait as an avatar; its hash is that of the raw pixels (there is no file)."""
-    from engine.avatar.default import default_portrait
 
     image, landmarks, scheme = default_portrait()
     h, w = image.shape[:2]
@@ -299,4 +301,5 @@ def _default_avatar() -> Avatar:
         crop_to_image=crop_to_image,
         landmarks=crop_landmarks.astype(np.float32),
         landmark_scheme=scheme,
+        landmark_method="drawn",
     )

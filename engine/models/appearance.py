@@ -1,4 +1,4 @@
-"""Appearance feature extractor F: portrait -> 3-D feature volume (spec section 1).
+"""Appearance feature extractor F: portrait -> 3-D feature volume (docs/spec/liveportrait.md §1).
 
 Reference shapes (preset ``liveportrait``): [B, 3, 256, 256] -> [B, 32, 16, 64, 64].
 """

@@ -1,4 +1,4 @@
-"""Conv building blocks shared by the LivePortrait-compatible networks (spec section 0, "Building blocks").
+"""Conv building blocks of the LivePortrait-compatible networks (docs/spec/liveportrait.md §0, "Building blocks").
 
 Parameter names (``conv``, ``norm``, ``conv1`` ...) are the reference's, so official state dicts load strictly.
 """

@@ -1,7 +1,8 @@
-"""Dense motion network of W: keypoints + compressed feature -> 3-D deformation and occlusion (spec 3.3).
+"""Dense motion network of W: keypoints + compressed feature -> mask logits, occlusion (docs/spec/liveportrait.md §3.3).
 
 Reference shapes: feature [B, 32, 16, 64, 64]; hourglass input [B, 110, 16, 64, 64]; prediction
-[B, 142, 16, 64, 64]; deformation [B, 16, 64, 64, 3]; occlusion [B, 1, 64, 64].
+[B, 142, 16, 64, 64]; mask logits [B, 22, 16, 64, 64]; occlusion [B, 1, 64, 64]. The mask's softmax turns into
+the deformation inside the warp step (``WarpOps.warp``), so a fused kernel can do both in one pass.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models import warping_ops
 from engine.models.blocks import DownBlock3d, UpBlock3d
+from engine.models.warping_ops import STANDARD, WarpOps
 
 
 class DenseMotionOutput(NamedTuple):
-    deformation: Tensor  # [B, D, H, W, 3] sampling grid (x, y, z)
+    mask_logits: Tensor  # [B, K+1, D, H, W] pre-softmax weights of the K+1 motions
     occlusion: Tensor  # [B, 1, H, W] in (0, 1)
 
 
@@ -90,11 +91,12 @@ class DenseMotionNetwork(nn.Module):
         self.mask = nn.Conv3d(pred, num_kp + 1, mask_kernel, padding=mask_kernel // 2)
         self.occlusion = nn.Conv2d(pred * feature_depth, 1, occlusion_kernel, padding=occlusion_kernel // 2)
 
-    def forward(self, feature: Tensor, kp_driving: Tensor, kp_source: Tensor) -> DenseMotionOutput:
+    def forward(
+        self, feature: Tensor, kp_driving: Tensor, kp_source: Tensor, ops: WarpOps = STANDARD
+    ) -> DenseMotionOutput:
         compressed = F.relu(self.norm(self.compress(feature)))  # [B, 4, 16, 64, 64]
-        inp = warping_ops.sparse_motion_input(compressed, kp_driving, kp_source)  # [B, 110, 16, 64, 64]
+        inp = ops.sparse_motion(compressed, kp_driving, kp_source)  # [B, 110, 16, 64, 64]
         prediction = self.hourglass(inp)  # [B, 142, 16, 64, 64]
-        deformation = warping_ops.deformation_from_mask(self.mask(prediction), kp_driving, kp_source)
         b, c, d, h, w = prediction.shape
         occlusion = torch.sigmoid(self.occlusion(prediction.reshape(b, c * d, h, w)))  # [B, 1, 64, 64]
-        return DenseMotionOutput(deformation=deformation, occlusion=occlusion)
+        return DenseMotionOutput(mask_logits=self.mask(prediction), occlusion=occlusion)

@@ -33,6 +33,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from engine.keypoints import NUM_KP
 from engine.models.appearance import AppearanceFeatureExtractor
 from engine.models.motion_extractor import MotionExtractor
 from engine.models.retargeting import RetargetingMLP
@@ -45,7 +46,6 @@ from engine.weights.deterministic import deterministic_state_dict
 
 logger = logging.getLogger(__name__)
 
-NUM_KP = 21
 NUM_BINS = 66
 STORE_KIND = "liveportrait"
 NETWORK_NAMES: tuple[str, ...] = ("appearance", "motion", "warping", "decoder", "stitching", "eye", "lip")

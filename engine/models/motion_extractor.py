@@ -1,4 +1,4 @@
-"""Motion extractor M: ConvNeXt-V2 backbone with GRN and seven linear heads (spec section 2).
+"""Motion extractor M: ConvNeXt-V2 backbone with GRN and seven linear heads (docs/spec/liveportrait.md §2).
 
 All parameters live under ``detector.`` as in the official checkpoint. Reference shapes: input [B, 3, 256, 256],
 stage outputs [B, 96, 64, 64] -> [B, 192, 32, 32] -> [B, 384, 16, 16] -> [B, 768, 8, 8].

@@ -1,4 +1,4 @@
-"""Stitching / eye / lip retargeting MLP (spec section 5): Linear -> ReLU -> ... -> Linear.
+"""Stitching / eye / lip retargeting MLP (docs/spec/liveportrait.md §5): Linear -> ReLU -> ... -> Linear.
 
 Parameters are ``mlp.{0,2,4,...}`` as in the official checkpoint (ReLUs take the odd indices).
 """

@@ -1,4 +1,4 @@
-"""SPADE decoder G: warped feature -> RGB image (spec section 4).
+"""SPADE decoder G: warped feature -> RGB image (docs/spec/liveportrait.md §4).
 
 Reference shapes: feature [B, 256, 64, 64] -> fc [B, 512, 64, 64] -> 6 middle blocks -> up_0 at 128^2 ->
 up_1 at 256^2 -> conv_img [B, 12, 256, 256] -> pixel shuffle + sigmoid [B, 3, 512, 512].

@@ -1,7 +1,9 @@
-"""Warping module W: dense motion, trilinear warp of the feature volume, 2-D projection (spec 3.4).
+"""Warping module W: dense motion, trilinear feature-volume warp, 2-D projection (docs/spec/liveportrait.md §3.4).
 
 Call convention is LivePortrait's: ``warping(feature_3d, kp_driving, kp_source)``. Reference shapes:
-feature_3d [B, 32, 16, 64, 64], keypoints [B, 21, 3] -> out [B, 256, 64, 64].
+feature_3d [B, 32, 16, 64, 64], keypoints [B, 21, 3] -> out [B, 256, 64, 64]. ``ops`` selects the
+implementation of the two heavy steps (:mod:`engine.models.warping_ops`: ``STANDARD`` or ``FUSED``); this is the
+one forward of W, whichever runs it (eager, compiled, exported).
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from engine.models import warping_ops
 from engine.models.blocks import SameBlock2d
 from engine.models.dense_motion import DenseMotionNetwork
+from engine.models.warping_ops import STANDARD, WarpOps
 
 
 class WarpingOutput(NamedTuple):
@@ -50,9 +52,11 @@ class WarpingNetwork(nn.Module):
         self.third = SameBlock2d(feature_channels * feature_depth, out_channels, lrelu=True)
         self.fourth = nn.Conv2d(out_channels, out_channels, 1)
 
-    def forward(self, feature_3d: Tensor, kp_driving: Tensor, kp_source: Tensor) -> WarpingOutput:
-        dense = self.dense_motion_network(feature_3d, kp_driving, kp_source)
-        out = warping_ops.warp_volume(feature_3d, dense.deformation)  # [B, 32, 16, 64, 64]
+    def forward(
+        self, feature_3d: Tensor, kp_driving: Tensor, kp_source: Tensor, ops: WarpOps = STANDARD
+    ) -> WarpingOutput:
+        dense = self.dense_motion_network(feature_3d, kp_driving, kp_source, ops)
+        out, deformation = ops.warp(feature_3d, dense.mask_logits, kp_driving, kp_source)  # [B, 32, 16, 64, 64]
         b, c, d, h, w = out.shape
         out = self.fourth(self.third(out.reshape(b, c * d, h, w)))  # [B, 256, 64, 64]
-        return WarpingOutput(out=out * dense.occlusion, occlusion=dense.occlusion, deformation=dense.deformation)
+        return WarpingOutput(out=out * dense.occlusion, occlusion=dense.occlusion, deformation=deformation)

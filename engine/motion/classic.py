@@ -18,21 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
-from engine.keypoints import NUM_KP, MotionParams
+from engine.audio.pcm import SAMPLE_RATE
+from engine.keypoints import NUM_KP, MotionParams, SourceFace
 from engine.motion import facs
 from engine.motion.base import MotionFrame
-from engine.motion.controls import EMOTION_SOURCES, HEAD_POSE_MODES, ControlState, ControlValueError
+from engine.motion.control_schema import EMOTION_SOURCES, HEAD_POSE_MODES, ControlState, ControlValueError
 from engine.motion.emotion import EMOTIONS as EMOTION_NAMES
-from engine.render.base import SourceFace
 from engine.render.classic_mesh import LID_REF_GAP
 
-SAMPLE_RATE = 16000
 DIM = 4
 DEFAULT_FACE_SIZE = 0.502  # inter-ocular distance of the default avatar (normalised units)
 
@@ -100,7 +101,7 @@ class ClassicFeatures:
 @dataclass(frozen=True)
 class ClassicMotionConfig:
     fps: int = 25
-    lookahead_frames: int = 2  # rows past frame i used to open the mouth ahead of a sound onset
+    lookahead_frames: int = 1  # rows past frame i used to open the mouth ahead of a sound onset (only i + 1 is read)
     seed: int = 0
     jaw_gain: float = 0.20  # full jaw drop (lower lip travel) in inter-ocular units
     attack: float = 0.75  # one-pole smoothing towards a louder target (per frame)
@@ -178,6 +179,27 @@ class ClassicMotion:
         "ramp_s": None,
     }
 
+    # what each honoured control does here (the session refuses the others; /health and the CLI list these)
+    CONTROLS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "emotion": "facial action units of the emotion (brows, lids, cheeks, nose, lips, jaw)",
+            "intensity": "scales the action units (0..1.5)",
+            "emotion_b": "second emotion: action-unit weights interpolated by mix",
+            "mix": "0: emotion only .. 1: emotion_b only",
+            "mouth_emotion": "lower-face action units (nose, lips, jaw) from this emotion",
+            "eyes_emotion": "upper-face action units (brows, lids, cheek raise) from this emotion",
+            "pure_emotion": "true: add to the portrait's own expression; false: undo its smile / parted lips first",
+            "emotion_source": "label only (a reference clip is neural mode's)",
+            "lip_scale": "scales the speech motion of lips and jaw",
+            "loudness_lips": "true: the jaw follows loudness; false: a level-normalised envelope",
+            "blink": "seeded blinks on or off",
+            "blink_rate": "blinks per second (0: none); the pending blink is re-drawn at once",
+            "gaze": "seeded horizontal saccades of the eyeballs",
+            "head_pose": "diffusion: idle head sway; fixed: still head (reference needs a clip: refused)",
+            "ramp_s": "every change ramps linearly over this many seconds",
+        }
+    )
+
     def __init__(
         self,
         config: ClassicMotionConfig | None = None,
@@ -228,14 +250,7 @@ class ClassicMotion:
         "neutral" relaxes a smiling photo. Values outside :attr:`HONOURED` raise
         :class:`~engine.motion.controls.ControlValueError` and keep the previous state.
         """
-        if not isinstance(state, ControlState):
-            raise TypeError(f"apply_controls takes a ControlState, got {type(state).__name__}")
-        for key, allowed in self.HONOURED.items():
-            if allowed is not None and getattr(state, key) not in allowed:
-                raise ControlValueError(
-                    f"{key}: classic mode cannot honour {getattr(state, key)!r} (it has no reference clip); "
-                    f"use one of {list(allowed)}"
-                )
+        self.check_controls(state)
         r = self._ramp_pos / self._ramp_len if self._ramp_len else 1.0
         self._from = _blend(self._from, self._to, r)
         self._to = self._effective(state)
@@ -244,6 +259,17 @@ class ClassicMotion:
         old_rate, self._state = self._state.blink_rate, state
         if state.blink_rate != old_rate:
             self._next_blink = self._draw_blink(self._next)
+
+    def check_controls(self, state: ControlState) -> None:
+        """Raise :class:`~engine.motion.control_schema.ControlValueError` for values outside :attr:`HONOURED`."""
+        if not isinstance(state, ControlState):
+            raise TypeError(f"classic controls take a ControlState, got {type(state).__name__}")
+        for key, allowed in self.HONOURED.items():
+            if allowed is not None and getattr(state, key) not in allowed:
+                raise ControlValueError(
+                    f"{key}: classic mode cannot honour {getattr(state, key)!r} (it has no reference clip); "
+                    f"use one of {list(allowed)}"
+                )
 
     def set_emotion(self, name: str, intensity: float = 1.0) -> None:
         """Ramp to ``name`` (one of :data:`EMOTIONS`) at ``intensity`` in [0, 1.5] over the configured frames."""
@@ -283,8 +309,12 @@ class ClassicMotion:
         return self._emit(len(self._rows))
 
     def interrupt(self) -> None:
+        """Drop the rows not yet emitted; the next frames start from a closed mouth (the session eases the frames
+        already in flight to rest, so there is no jump)."""
         self._next += len(self._rows)
         self._rows = np.zeros((0, DIM), dtype=np.float32)
+        self._jaw = 0.0
+        self._width = 0.0
 
     # --- seeded natural motion ---
 

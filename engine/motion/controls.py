@@ -8,13 +8,12 @@ Controls and the keypoints they may move (``engine.keypoints`` region sets):
 * head pose mode ``diffusion | reference | fixed`` -> pose only (every keypoint moves rigidly, expression kept).
 
 Every change ramps the *effective* values (offsets, gains, pose weights) linearly over ``ramp_s``; a change
-arriving mid-ramp starts from where the ramp is. Invalid messages raise :class:`ControlValueError` (a
-ValueError; the streaming layer reports it as ``streaming.api.ControlError``) and the last valid state stays.
+arriving mid-ramp starts from where the ramp is. The vocabulary and its validation are
+:mod:`engine.motion.control_schema` (one schema for every motion generator).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,108 +23,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.keypoints import EMOTION, EYE, LIP, NUM_KP, MotionParams
+from engine.keypoints import EMOTION, EYE, LIP, NUM_KP, MotionParams, SourceFace
+from engine.motion.control_schema import HEAD_POSE_MODES, ControlState, ControlValueError
 from engine.motion.emotion import (
-    EMOTIONS,
     EmotionBank,
     ReferenceMotion,
     emotion_weights_label,
     region_mask,
 )
-from engine.render.base import SourceFace
 
-HEAD_POSE_MODES = ("diffusion", "reference", "fixed")
-EMOTION_SOURCES = ("label", "reference")
 MOUTH: tuple[int, ...] = tuple(k for k in EMOTION if k in LIP)
 EYES_BROWS: tuple[int, ...] = tuple(k for k in EMOTION if k not in LIP)
 GAZE_KEYPOINTS = (11, 15)  # the eye-ball keypoints Ditto's gaze fix moves (exp dims 33/34 and 45/46)
-
-
-class ControlValueError(ValueError):
-    """A control message or value is invalid; the previous state stays in effect."""
-
-
-# name -> (kind, bounds or choices)
-_SPEC: dict[str, tuple[str, Any]] = {
-    "emotion": ("emotion", None),
-    "intensity": ("float", (0.0, 1.5)),
-    "emotion_b": ("emotion?", None),
-    "mix": ("float", (0.0, 1.0)),
-    "mouth_emotion": ("emotion?", None),
-    "eyes_emotion": ("emotion?", None),
-    "pure_emotion": ("bool", None),
-    "emotion_source": ("choice", EMOTION_SOURCES),
-    "lip_scale": ("float", (0.0, 3.0)),
-    "loudness_lips": ("bool", None),
-    "blink": ("bool", None),
-    "blink_rate": ("float", (0.0, 2.0)),
-    "gaze": ("bool", None),
-    "head_pose": ("choice", HEAD_POSE_MODES),
-    "ramp_s": ("float", (0.0, 5.0)),
-}
-
-
-def _validate_value(name: str, value: Any) -> Any:
-    kind, extra = _SPEC[name]
-    if kind in ("emotion", "emotion?"):
-        if value is None and kind == "emotion?":
-            return None
-        if not isinstance(value, str) or value.lower() not in EMOTIONS:
-            raise ControlValueError(f"{name}: unknown emotion {value!r}; choose one of {list(EMOTIONS)}")
-        return value.lower()
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ControlValueError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if kind == "choice":
-        if value not in extra:
-            raise ControlValueError(f"{name}: expected one of {list(extra)}, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ControlValueError(f"{name}: expected a number, got {value!r}")
-    lo, hi = extra
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise ControlValueError(f"{name}: {value!r} is outside [{lo}, {hi}]")
-    return float(value)
-
-
-def validate_control(message: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a control message (unknown keys, types, ranges, NaN) -> normalised copy. Raises ControlValueError."""
-    if not isinstance(message, Mapping):
-        raise ControlValueError(f"a control message must be a JSON object, got {type(message).__name__}")
-    unknown = sorted(set(message) - set(_SPEC))
-    if unknown:
-        raise ControlValueError(f"unknown control(s) {unknown}; known: {sorted(_SPEC)}")
-    return {name: _validate_value(name, value) for name, value in message.items()}
-
-
-@dataclass(frozen=True)
-class ControlState:
-    emotion: str = "neutral"
-    intensity: float = 1.0  # 0..1.5
-    emotion_b: str | None = None  # interpolation partner (EDTalk)
-    mix: float = 0.0  # 0: emotion only, 1: emotion_b only
-    mouth_emotion: str | None = None  # region mixing (PC-Talk): mouth keypoints from this emotion
-    eyes_emotion: str | None = None  # ... eye / brow keypoints from this one
-    pure_emotion: bool = True  # P(e) - P(neutral): only what the emotion adds
-    emotion_source: str = "label"  # "reference": the emotion of the reference clip
-    lip_scale: float = 1.0
-    loudness_lips: bool = True
-    blink: bool = True
-    blink_rate: float = 0.3  # blinks per second
-    gaze: bool = True
-    head_pose: str = "diffusion"
-    ramp_s: float = 0.3
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            _validate_value(field.name, getattr(self, field.name))
-
-    def apply(self, message: Mapping[str, Any]) -> ControlState:
-        return dataclasses.replace(self, **validate_control(message))
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -195,6 +104,10 @@ class MotionControls:
     def state(self) -> ControlState:
         return self._state
 
+    @property
+    def reference(self) -> ReferenceMotion | None:
+        return self._reference
+
     def reset(self) -> None:
         """Restart the seeded blink / gaze schedules and the loudness follower."""
         cfg = self.config
@@ -224,14 +137,17 @@ class MotionControls:
         return new
 
     def emotion_label(self) -> np.ndarray:
-        """Ditto's 8-d emotion condition for the current state (the interpolation weights as a label blend)."""
+        """Ditto's 8-d emotion condition for the current state: the interpolation weights as a label blend, then
+        blended with neutral by ``intensity`` (linearly extrapolated past 1, as far as the schema allows)."""
         s = self._state
         weights = {s.emotion: 1.0 - s.mix}
         if s.emotion_b is not None:
             weights[s.emotion_b] = weights.get(s.emotion_b, 0.0) + s.mix
         else:
             weights[s.emotion] = 1.0
-        return emotion_weights_label(weights)
+        label = emotion_weights_label(weights)
+        neutral = emotion_weights_label({"neutral": 1.0})
+        return (neutral + s.intensity * (label - neutral)).astype(np.float32)
 
     def _retarget(self, state: ControlState) -> None:
         r = self._ramp_pos / self._ramp_len if self._ramp_len else 1.0

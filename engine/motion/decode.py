@@ -1,6 +1,6 @@
-"""Ditto's 265-d motion vectors <-> engine :class:`MotionParams`, motion stitch (spec §5.5) and clipping.
+"""Ditto's 265-d motion vectors <-> engine :class:`MotionParams`, motion stitch (docs/spec/ditto.md §5.5) and clipping.
 
-Layout (``ditto_lmdm.md`` §1.1): ``[scale - 1 | pitch 66 logits | yaw 66 | roll 66 | t 3 | exp 63]``. Ditto keeps
+Layout (``docs/spec/ditto.md`` §1.1): ``[scale - 1 | pitch 66 logits | yaw 66 | roll 66 | t 3 | exp 63]``. Ditto keeps
 pose as bin logits everywhere and decodes degrees only when building keypoints; :class:`MotionParams` carries
 degrees, so encoding degrees back into logits needs a choice of logit shape (see :func:`degrees_to_logits`).
 """
@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.keypoints import EYE, LIP, NUM_BINS, NUM_KP, MotionParams, bins_to_degrees
-from engine.render.base import SourceFace
+from engine.keypoints import EYE, LIP, NUM_BINS, NUM_KP, MotionParams, SourceFace, bins_to_degrees
 
 MOTION_DIM = 265
 SCALE = slice(0, 1)
@@ -112,7 +111,7 @@ class MotionBounds:
         return torch.where(v.isnan(), lo.expand_as(v), v.clamp(lo, hi))
 
 
-# Ditto's gaze fix (§5.5): exp dims of the two eye-ball keypoints shifted with the head's yaw/pitch change
+# Ditto's gaze fix (docs/spec/ditto.md §5.5): exp dims of both eye-ball keypoints move with the head's yaw/pitch
 _GAZE_X = ((33, 0.0007, 0.001), (45, 0.001, 0.0007))
 _GAZE_Y = (34, 46)
 
@@ -137,7 +136,7 @@ class MotionStitch:
         keep_set = set(keep)
         mask = torch.zeros(NUM_KP, 3, dtype=torch.bool)
         mask[[k for k in range(NUM_KP) if k in keep_set]] = True
-        self._exp_keep = mask.reshape(-1)  # [63]
+        self._exp_keep = mask.reshape(-1).to(self.x_s.device)  # [63]
         self.gaze_fix = gaze_fix
         self.d0: Tensor | None = None
         self._src_pitch = bins_to_degrees(self.x_s[:, PITCH])  # [1]

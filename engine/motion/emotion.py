@@ -1,6 +1,6 @@
 """Emotion vocabulary and emotion sources: Ditto soft labels, per-emotion keypoint offsets, reference clips.
 
-Class order is MEAD's as used by Ditto's condition vector (§1.2): angry, disgusted, fear, happy, neutral, sad,
+Class order is MEAD's, as in Ditto's condition (docs/spec/ditto.md §1.2): angry, disgusted, fear, happy, neutral, sad,
 surprised, contempt.
 """
 

@@ -1,6 +1,6 @@
 """LMDM denoiser: Ditto's latent motion diffusion transformer (``MotionDecoder``), checkpoint-compatible.
 
-Spec: ``ditto_lmdm.md`` §2. The network predicts the clean motion ``x_0`` of an 80-frame window from a noisy
+Spec: ``docs/spec/ditto.md`` §2. The network predicts the clean motion ``x_0`` of an 80-frame window from a noisy
 window ``x_t``, the previous motion state ``cond_frame`` and per-frame conditions (audio features, emotion, eye
 state, source keypoints). State-dict keys match Ditto's ``lmdm_v0.4_hubert.pth`` exactly
 (``lmdm_manifest.json`` ships beside this file).
@@ -29,20 +29,25 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from engine.config import ConfigError, from_dict
 from engine.paths import default_ditto_dir
 from engine.weights import warn_untrained
+from engine.weights.checkpoint import CheckpointError, check_keys, load_tensors, read_record
 from engine.weights.deterministic import deterministic_state_dict
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_PATH = Path(__file__).with_name("lmdm_manifest.json")
 LMDM_WEIGHTS_NAME = "lmdm.safetensors"
-# emotion 8 + eye open 2 + eye-ball move 6 + source canonical keypoints 63 (spec §1.2): appended to audio features
+STORE_KIND = "ditto"
+HUBERT_FILE = "hubert_streaming_fix_kv.onnx"  # Ditto's streaming HuBERT, copied into the store when found
+# emotion 8 + eye open 2 + eye-ball move 6 + source canonical kp 63 (docs/spec/ditto.md §1.2), after the audio features
 NON_AUDIO_COND_DIM = 8 + 2 + 6 + 63
 DEFAULT_N_MELS = 80
 
@@ -327,10 +332,39 @@ def build(preset: str = "tiny", cond_dim: int | None = None) -> MotionDecoder:
     return model
 
 
+# --- the engine's Ditto store (written by ``engine weights import ditto``, engine.importers.ditto) ---------
+
+
+def read_ditto_record(dst: Path) -> dict[str, Any]:
+    record = read_record(Path(dst))
+    if record.get("kind") != STORE_KIND:
+        raise CheckpointError(f"{dst}: a {record.get('kind')!r} weight store, not a Ditto one (kind {STORE_KIND!r})")
+    return record
+
+
+def read_lmdm_store(dst: Path) -> tuple[LMDMConfig, dict[str, torch.Tensor]]:
+    """``(LMDMConfig, state dict)`` of a Ditto store, with keys checked against the config's architecture."""
+    record = read_ditto_record(dst)
+    try:
+        config = from_dict(LMDMConfig, record.get("config", {}))
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{dst}: bad LMDM config in the record ({exc})") from exc
+    path = Path(dst) / record.get("files", {}).get("lmdm", "")
+    state = load_tensors(path)
+    with torch.device("meta"):
+        expected = state_entries(from_config(config))
+    check_keys(state, expected, str(path))
+    return config, state
+
+
+def hubert_onnx_path(dst: Path) -> Path | None:
+    """The streaming HuBERT ONNX copied into the store, if the import found one."""
+    name = read_ditto_record(dst).get("files", {}).get("hubert_onnx")
+    return Path(dst) / name if name else None
+
+
 def load(dst: Path | None = None) -> MotionDecoder:
     """Denoiser from an engine weight store written by ``engine weights import ditto`` (default: engine home)."""
-    from engine.weights.ditto import read_lmdm_store
-
     config, state = read_lmdm_store(dst if dst is not None else default_ditto_dir())
     model = from_config(config)
     model.load_state_dict(state, strict=True)

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from engine.keypoints import MotionParams
+from engine.audio.features import LogMelConfig, LogMelFeatures
+from engine.keypoints import MotionParams, SourceFace
 from engine.motion.base import MotionFrame
-from engine.motion.controls import ControllerConfig, ControlState, MotionControls
+from engine.motion.control_schema import ControlState, ControlValueError
+from engine.motion.controls import ControllerConfig, MotionControls
 from engine.motion.decode import MotionBounds, MotionStitch, decode_motion
 from engine.motion.emotion import EmotionBank
 from engine.motion.heads import LipHead
 from engine.motion.samplers.guidance import MaskedDenoiser
 from engine.motion.scheduler import NON_AUDIO_DIM, SchedulerConfig, SourceCondition, WindowScheduler
 from engine.motion.smoothing import ParamsSmoother, make_smoother
-from engine.render.base import SourceFace
 
 SMOOTHING_MODES = ("none", "one_euro", "kalman")
 
@@ -47,7 +49,24 @@ class NeuralMotionConfig:
 
 
 class NeuralMotionStage:
-    """Diffusion motion with controls; see the module docstring. ``controls.update(message)`` changes controls."""
+    """Diffusion motion with controls; see the module docstring."""
+
+    CONTROLS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "emotion": "the diffusion's emotion condition (Ditto's 8 MEAD classes)",
+            "intensity": "blends the emotion condition with neutral (0: neutral, 1: the emotion)",
+            "emotion_b": "second emotion of the interpolation (EDTalk): the conditions are blended",
+            "mix": "interpolation weight of emotion_b",
+            "emotion_source": "'label' only: 'reference' needs a reference clip",
+            "lip_scale": "scales the lip keypoints' motion",
+            "loudness_lips": "scales lip motion with the audio's loudness (PC-Talk)",
+            "blink": "seeded blinks on the eye keypoints",
+            "blink_rate": "blinks per second",
+            "gaze": "seeded eye-ball saccades",
+            "head_pose": "'diffusion' (generated) or 'fixed' (the portrait's); 'reference' needs a reference clip",
+            "ramp_s": "seconds every change ramps over",
+        }
+    )
 
     def __init__(
         self,
@@ -94,11 +113,14 @@ class NeuralMotionStage:
         if self._smoother is not None:
             self._smoother.reset()
 
-    def update_controls(self, message: Mapping[str, Any]) -> ControlState:
-        """Validate and apply a control message (ControlValueError on bad input; the old state stays)."""
-        state = self.controls.update(message)
+    def check_controls(self, state: ControlState) -> None:
+        """What the schema allows but this stage cannot do yet (a reference clip is never set by the runtime)."""
+        if self.controls.reference is None and (state.head_pose == "reference" or state.emotion_source == "reference"):
+            raise ControlValueError("head_pose / emotion_source 'reference' need a reference clip for this avatar")
+
+    def apply_controls(self, state: ControlState) -> None:
+        self.controls.update(state.as_dict())
         self.scheduler.set_emotion(self.controls.emotion_label())
-        return state
 
     # --- MotionStage ---
 
@@ -170,8 +192,6 @@ def build_neural_motion(
     denoisers need the HuBERT stage's ``silence()`` passed in.
     """
     if silence is None:
-        from engine.audio.features import LogMelConfig, LogMelFeatures
-
         audio_dim = int(den.config.cond_dim) - NON_AUDIO_DIM  # type: ignore[attr-defined]
         mel = LogMelConfig()
         if audio_dim != mel.n_mels:

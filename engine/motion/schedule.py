@@ -1,6 +1,6 @@
 """Diffusion noise schedule shared by the LMDM denoiser's samplers (pure function, no model code).
 
-Ditto's cosine schedule (spec ``ditto_lmdm.md`` §3): the betas are built in float64, then cast to float32 before
+Ditto's cosine schedule (``docs/spec/ditto.md`` §3): the betas are built in float64, then cast to float32 before
 the cumulative product, so ``alphas_cumprod`` carries float32 rounding exactly as the reference does (the
 golden DDIM output depends on it at the 1e-5 level).
 """

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from engine.avatar.record import Avatar
-from engine.keypoints import MotionParams
-
-
-class SourceFace(NamedTuple):
-    """An avatar's face in one renderer's keypoint space (what motion and keypoint stages need)."""
-
-    kp_canonical: torch.Tensor  # [21, 3]
-    params: MotionParams  # batch 1: the portrait's own pose / expression
-    kp_source: torch.Tensor  # [21, 3] transformed source keypoints
+from engine.keypoints import MotionParams, SourceFace
 
 
 class PreparedAvatar(NamedTuple):
@@ -39,3 +31,11 @@ class Renderer(Protocol):
     def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
         """One frame per avatar in ``prepared`` (a batch may mix sessions) -> ``[B, 3, size, size]`` in [0, 1]."""
         ...
+
+
+@runtime_checkable
+class AsyncRenderer(Protocol):
+    """A renderer whose work runs elsewhere (a GPU stream, a simulated device) and can be awaited without holding
+    the event loop; the render worker prefers it to a thread when it renders inline."""
+
+    async def render_async(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor: ...

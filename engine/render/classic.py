@@ -19,17 +19,17 @@ With no motion the output is the portrait itself.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.avatar.landmarks import CLASSIC_SCHEMES
 from engine.avatar.record import Avatar
-from engine.keypoints import NUM_KP, MotionParams, keypoints_from_params
-from engine.render.base import PreparedAvatar, SourceFace
+from engine.keypoints import NUM_KP, MotionParams, SourceFace, keypoints_from_params
+from engine.render.base import PreparedAvatar
 from engine.render.classic_layers import (
     EyeSource,
     MouthSource,
@@ -42,7 +42,6 @@ from engine.render.classic_layers import (
 )
 from engine.render.classic_mesh import ANCHORS, Spline, apply_affine, build_mesh, eval_spline, fit_affine, solve_spline
 
-SUPPORTED_SCHEMES = ("engine68", "ibug68")
 UPPER_INNER_LIP = (61, 62, 63)  # over LOWER_INNER_LIP
 LOWER_INNER_LIP = (67, 66, 65)
 LID_LANDMARKS = (37, 38, 43, 44)  # upper-lid landmarks, and the lower-lid ones below them, the lid keypoints
@@ -132,20 +131,10 @@ def face_size(source: SourceFace) -> float:
     return float(torch.linalg.vector_norm(right[:2] - left[:2]))
 
 
-def _grid_sampler(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The fused CUDA grid sample from ``kernels`` on GPU when it is built, else torch's (same semantics)."""
-    if device.type == "cuda":
-        try:
-            fused = getattr(importlib.import_module("kernels"), "grid_sample", None)
-        except ImportError:
-            fused = None
-        if callable(fused):
-            return fused
-
-    def torch_sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    return torch_sample
+def _sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2-D sampling of the portrait (ATen's on any device: the fused kernels are the 3-D warps of the
+    neural renderer, and a 2-D grid sample is already one memory-bound pass)."""
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class ClassicRenderer:
@@ -157,6 +146,7 @@ class ClassicRenderer:
 
     name = "classic"
     untrained = False
+    CPU_CHUNK = 4  # frames rendered at once on a CPU
 
     def __init__(self, size: int = 512, flow_size: int = 64, device: str | torch.device = "cpu") -> None:
         if size <= 0 or flow_size <= 0:
@@ -170,7 +160,6 @@ class ClassicRenderer:
         full = (2.0 * torch.arange(size, dtype=torch.float32) + 1.0) / size - 1.0
         fy, fx = torch.meshgrid(full, full, indexing="ij")
         self._base = torch.stack([fx, fy], -1)[None].to(self.device)  # [1, S, S, 2]
-        self._sample = _grid_sampler(self.device)
 
     def prepare(self, avatar: Avatar) -> PreparedAvatar:
         if avatar.landmarks is None:
@@ -178,9 +167,9 @@ class ClassicRenderer:
                 f"avatar {avatar.name!r} has no landmarks, which classic mode needs: import the face detector "
                 "models ('engine weights import ...') or pass --landmarks when adding the avatar"
             )
-        if avatar.landmark_scheme not in SUPPORTED_SCHEMES or np.shape(avatar.landmarks) != (68, 2):
+        if avatar.landmark_scheme not in CLASSIC_SCHEMES or np.shape(avatar.landmarks) != (68, 2):
             raise ValueError(
-                f"avatar {avatar.name!r}: classic mode needs 68-point landmarks ({', '.join(SUPPORTED_SCHEMES)}), "
+                f"avatar {avatar.name!r}: classic mode needs 68-point landmarks ({', '.join(CLASSIC_SCHEMES)}), "
                 f"got scheme {avatar.landmark_scheme!r} with shape {np.shape(avatar.landmarks)}"
             )
         crop = avatar.crop
@@ -229,6 +218,15 @@ class ClassicRenderer:
     def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
         if kp_driving.shape != (len(prepared), NUM_KP, 3):
             raise ValueError(f"kp_driving must be [{len(prepared)}, {NUM_KP}, 3], got {tuple(kp_driving.shape)}")
+        if self.device.type == "cpu" and len(prepared) > self.CPU_CHUNK:
+            # a CPU gains nothing from wide batches here (the cost is per frame), and each frame's intermediate
+            # tensors are ~30 MB: chunks keep a batch of 16 from holding half a gigabyte at once
+            return torch.cat(
+                [
+                    self.render(prepared[i : i + self.CPU_CHUNK], kp_driving[i : i + self.CPU_CHUNK])
+                    for i in range(0, len(prepared), self.CPU_CHUNK)
+                ]
+            )
         states: list[ClassicState] = [p.state for p in prepared]
         b, size = len(prepared), self.size
         kp_d = kp_driving[..., :2].to(self.device, torch.float32)
@@ -267,7 +265,7 @@ class ClassicRenderer:
             self._refine(flow[i], one, self._box(lm_px[i][48:68], 0.15 * s.iod * size / 2, even=True), 2)
         grid = self._base + flow
         portrait = torch.stack([s.portrait for s in states])
-        out = self._sample(portrait, grid)  # [B, 3, S, S]
+        out = _sample(portrait, grid)  # [B, 3, S, S]
 
         to_source = _output_to_source(aff, size)  # [B, 2, 3] output pixels -> portrait pixels, head motion only
         det = (aff[:, 0, 0] * aff[:, 1, 1] - aff[:, 0, 1] * aff[:, 1, 0]).abs().clamp_min(1e-6)

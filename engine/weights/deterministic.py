@@ -1,4 +1,4 @@
-"""Deterministic pseudo-random weights (the documented golden init, ``shared/golden/README.md``).
+"""Deterministic pseudo-random weights (the golden init described in ``docs/spec/README.md``).
 
 Used for tests and for running without imported weights. Untrained weights render noise: every caller that
 uses them must say so to the user (see :func:`engine.weights.untrained_warning`).

@@ -1,6 +1,6 @@
 """DDIM sampler for x_0-predicting models (Ditto LMDM), diffusers-style: ``set_timesteps()`` then ``step()``.
 
-Spec ``ditto_lmdm.md`` §4. Timesteps use Ditto's spacing: ``linspace(-1, N-1, S+1)`` in float32, truncated toward
+Spec ``docs/spec/ditto.md`` §4. Timesteps use Ditto's spacing: ``linspace(-1, N-1, S+1)`` in float32, truncated toward
 zero, reversed, so S = 10 visits 999, 899, ..., 99 and ends on the x_0 predicted at t = 99 (the pair's next
 timestep is -1). The arithmetic stays in float32 like the reference, which the golden parity test relies on.
 """

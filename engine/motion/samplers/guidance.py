@@ -1,4 +1,4 @@
-"""Classifier-free guidance with cond and uncond in ONE batched forward (spec ``ditto_lmdm.md`` §2.7).
+"""Classifier-free guidance with cond and uncond in ONE batched forward (``docs/spec/ditto.md`` §2.7).
 
 guided = u + (c − u)·w, with c the conditional and u the unconditional x_0 prediction. The batch is doubled and a
 per-sample drop mask selects the null condition for the second half, which halves the number of network calls

@@ -1,0 +1,115 @@
+"""The browser page in headless Chromium: microphone (a fake device playing a WAV) in, decoded avatar video out.
+
+Chromium is driven over the DevTools protocol with a plain websocket (no npm, no playwright), through the same
+launcher ``engine bench sync --mode browser`` uses; the page writes its getStats() numbers into ``#rtc-stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+
+from streaming.factory import open_engine_factory
+from streaming.measure.browser import open_page
+from streaming.pipelines import CLASSIC_BANNER, RuntimeConfig
+from streaming.testing import FakeFactory, burst_signal
+from streaming.transports.webrtc import ServerConfig, create_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+STATS_JS = "(document.getElementById('rtc-stats') || {}).textContent"  # null-safe while the page loads
+
+
+def write_wav(path: Path, seconds: float) -> None:
+    pcm = (burst_signal(seconds) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(48_000)
+        wav.writeframes(pcm.tobytes())
+
+
+async def test_page_receives_decoded_video(tmp_path: Path) -> None:
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 20.0)
+    factory = FakeFactory(size=128, banner=CLASSIC_BANNER)
+    app = create_app(factory, ServerConfig(token="sesame"))
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        url = str(server.make_url("/")) + "?autostart=1&token=sesame"
+        async with open_page(url, wav, tmp_path / "profile") as page:
+            stats: dict[str, Any] = {}
+            for _ in range(300):
+                raw = await page.evaluate(STATS_JS)
+                stats = json.loads(raw or "{}")
+                if stats.get("framesDecoded", 0) >= 100 and stats.get("serverFps"):
+                    break
+                await asyncio.sleep(0.1)
+            first = stats.get("framesDecoded", 0)
+            await asyncio.sleep(4.0)
+            stats = json.loads(await page.evaluate("document.getElementById('rtc-stats').textContent"))
+            shown_fps = (stats["framesDecoded"] - first) / 4.0
+            banner = await page.evaluate("document.getElementById('banner').textContent")
+            print(f"\nchromium: {stats}, decoded fps {shown_fps:.1f}")
+            assert first >= 100, stats
+            assert shown_fps >= 0.8 * factory.fps, stats
+            assert stats["freezeCount"] <= 2, stats
+            assert stats["acks"] >= 1, "the page's first control message was acknowledged"
+            assert stats["codec"] in ("video/VP8", "video/H264"), stats
+            assert banner == CLASSIC_BANNER
+            session = factory.sessions[0]
+            assert session.pushed_samples > 16_000, "the fake microphone reached the session"
+            # the page's controls reach the session through the data channel
+            await page.evaluate(
+                "document.getElementById('emotion').value='sad';"
+                "document.getElementById('emotion').dispatchEvent(new Event('change'))"
+            )
+            for _ in range(50):
+                if session.control_state.emotion == "sad":
+                    break
+                await asyncio.sleep(0.1)
+            assert session.control_state.emotion == "sad"
+            assert np.isfinite(stats["latencyMs"])
+    finally:
+        await server.close()
+
+
+@pytest.mark.slow
+async def test_page_with_the_real_classic_runtime(tmp_path: Path) -> None:
+
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 20.0)
+    factory = await open_engine_factory(RuntimeConfig(mode="classic"))
+    server = TestServer(create_app(factory, ServerConfig()), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with open_page(str(server.make_url("/")) + "?autostart=1", wav, tmp_path / "profile") as page:
+            stats: dict[str, Any] = {}
+            for _ in range(300):
+                stats = json.loads(
+                    await page.evaluate("(document.getElementById('rtc-stats') || {}).textContent") or "{}"
+                )
+                if stats.get("framesDecoded", 0) >= 25:
+                    break
+                await asyncio.sleep(0.1)
+            first = stats.get("framesDecoded", 0)
+            await asyncio.sleep(6.0)
+            stats = json.loads(await page.evaluate("document.getElementById('rtc-stats').textContent"))
+            shown_fps = (stats["framesDecoded"] - first) / 6.0
+            size = await page.evaluate(
+                "[document.getElementById('avatar').videoWidth, document.getElementById('avatar').videoHeight]"
+            )
+            banner = await page.evaluate("document.getElementById('banner').textContent")
+            print(f"\nchromium + classic runtime: {stats}, decoded fps {shown_fps:.1f}, video {size}")
+            assert first >= 25 and shown_fps >= 15.0, stats
+            assert size == [512, 512]
+            assert banner == CLASSIC_BANNER
+    finally:
+        await server.close()
