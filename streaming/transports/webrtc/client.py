@@ -212,7 +212,7 @@ def judge_av_offset(
     halves: Sequence[float | None] = (),
     max_lag_s: float = 0.5,
 ) -> str:
-    """"reliable", or "unreliable: <why>" for an offset estimate.
+    """The verdict on an offset estimate: "reliable", or "unreliable: <why>".
 
     Reliable needs a clear correlation peak (MIN_AV_CORRELATION), enough sound onsets to line up
     (MIN_AV_ONSETS), pictures often enough to see them (MIN_AV_FPS), a peak inside the search range, and the
@@ -668,7 +668,8 @@ def _outputs(
         out["virtual_camera"] = {"device": camera.device, "sent": len(camera.sent), "fps": camera.fps}
     if player is not None:
         out["audio_out"] = {"device": player.device_name, "played_s": round(player.played / player.RATE, 2),
-                            "late_s": round(player.late_samples / player.RATE, 3)}  # fmt: skip
+                            "late_s": round(player.late_samples / player.RATE, 3),
+                            "device_delay_ms": round(player.device_delay_s * 1000.0, 1)}  # fmt: skip
     if recorder is not None:
         out["record"] = {"path": str(recorder.path), "frames": recorder.frames}
     return out

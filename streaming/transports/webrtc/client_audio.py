@@ -146,10 +146,18 @@ class AudioOutSink:
         self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (first sample's pts in samples, [n, 2] int16)
         self._pos: int | None = None  # the next sample to play, in pts samples; None: (re-)anchor on the next data
         self.played = 0  # samples written to the device that carried received audio
+        self.device_delay_s = 0.0  # last reported: a sample written now is heard this much later
         self.late_samples = 0
         try:
             self._stream = sd.OutputStream(
-                samplerate=self.RATE, channels=2, dtype="int16", device=info["index"], callback=self._callback
+                samplerate=self.RATE,
+                channels=2,
+                dtype="int16",
+                device=info["index"],
+                callback=self._callback,
+                # the picture waits for the sound, so every ms of device buffer is a ms of delay; 30 ms still rides
+                # out a busy CPU without underruns (PortAudio's "high" default is ~100 ms through ALSA-pulse)
+                latency=0.03,
             )
             self._stream.start()
         except Exception as exc:
@@ -192,6 +200,7 @@ class AudioOutSink:
             delay = max(0.0, float(time_info.outputBufferDacTime - time_info.currentTime))
             if not 0.0 < delay < 2.0:  # a host API that reports no DAC time: fall back on the stream's latency
                 delay = float(self._stream.latency)
+            self.device_delay_s = delay
             self._clock.update(start / self.RATE, now + delay)
 
     def close(self) -> None:
