@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +27,19 @@ HEADLESS_DRIVERS = ("offscreen", "dummy")  # SDL's fallbacks when no display is 
 
 # key -> what the client does ("quit", "interrupt", "emotion")
 KEY_ACTIONS = {"q": "quit", "escape": "quit", "space": "interrupt", "i": "interrupt", "e": "emotion"}
+
+
+NO_DISPLAY = (
+    "--show: no display to open a window on (DISPLAY / WAYLAND_DISPLAY is not set); "
+    "use --record DIR or --virtual-camera instead"
+)
+
+
+def _no_display() -> bool:
+    """On Linux and the BSDs a window needs an X11 or Wayland display named in the environment."""
+    if not sys.platform.startswith(("linux", "freebsd", "openbsd", "netbsd")) or os.environ.get("SDL_VIDEODRIVER"):
+        return False
+    return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 class Shown(NamedTuple):
@@ -56,16 +70,24 @@ class WindowSink:
         on_action: Callable[[str], None] | None = None,
         status: Callable[[], str] | None = None,
     ) -> None:
+        if _no_display():  # checked before SDL starts: it would print its own complaints while looking for one
+            raise ClientError(NO_DISPLAY)
+        if sys.platform.startswith("linux") and os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+            os.environ.setdefault("SDL_VIDEODRIVER", "x11")  # X11 only: SDL's Wayland probe would print errors
         self._pg = import_pygame()
         try:
             self._pg.display.init()
             driver = self._pg.display.get_driver()
         except self._pg.error as exc:
-            raise ClientError(f"--show: cannot open a window ({exc}); is a display available (DISPLAY)?") from exc
+            shown = os.environ.get("WAYLAND_DISPLAY") or os.environ.get("DISPLAY")
+            raise ClientError(
+                f"--show: cannot open a window on display {shown!r} ({exc}); use --record DIR or --virtual-camera"
+            ) from exc
         if driver in HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") != driver:
             self._pg.display.quit()
+            shown = os.environ.get("WAYLAND_DISPLAY") or os.environ.get("DISPLAY")
             raise ClientError(
-                "--show: no display to open a window on (DISPLAY / WAYLAND_DISPLAY is not set); "
+                f"--show: cannot open a window on display {shown!r} (no X11/Wayland server answers there); "
                 "use --record DIR or --virtual-camera instead"
             )
         self.driver = driver

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -170,6 +171,19 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         VirtualCameraSink(64, 64, 25)
     except ClientError as exc:
         assert "OBS Virtual Camera" in str(exc) and "v4l2loopback" in str(exc)
+
+
+def test_show_without_a_display_says_so(tmp_path: Path) -> None:
+    pytest.importorskip("pygame", reason="pygame is in the [client] extra")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")}
+    wav = write_wav(tmp_path / "x.wav", 0.5)
+    result = subprocess.run([*ENGINE, "client", "--url", "http://127.0.0.1:9", "--wav", str(wav), "--show"],
+                            env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "Error: --show: no display to open a window on (DISPLAY / WAYLAND_DISPLAY is not set); "
+        "use --record DIR or --virtual-camera instead"
+    )
 
 
 class StunServer(asyncio.DatagramProtocol):

@@ -33,7 +33,7 @@ from streaming.testing import FakeFactory
 from streaming.transports.webrtc import ServerConfig, create_app
 from streaming.transports.webrtc.app import SERVER_KEY
 from tests.streaming.cli.desktop import MonitorRecorder, Pulse, need, pulse_server, screenshot, xvfb
-from tests.streaming.cli.test_client import decode_red_and_sound
+from tests.streaming.cli.test_client import NoVideoFactory, decode_red_and_sound
 
 pytestmark = pytest.mark.timeout(120)
 ENGINE = [sys.executable, "-c", "import sys; from streaming.cli import main; sys.exit(main(prog_name='engine'))"]
@@ -154,6 +154,18 @@ def test_devices_are_listed_and_a_missing_input_is_explained(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert none.returncode == 1 and "Traceback" not in none.stderr
     assert "Error: no audio input device exists" in none.stderr and "PulseAudio" in none.stderr
+
+
+async def test_microphone_without_video_fails_within_the_timeout(tmp_path: Path) -> None:
+    with pulse_server(tmp_path / "pa") as pulse:
+        async with serving(NoVideoFactory()) as url:
+            started = time.monotonic()
+            code, out, err = await engine_client(pulse.env, "--url", url, "--mic", "--video-timeout", "2")
+            took = time.monotonic() - started
+            session = SERVERS.get(url)
+    print(f"\nmic, no video: exit {code} after {took:.1f} s: {err.strip()}")
+    assert session is not None and code == 1 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("Error: no video from") and took < 30.0
 
 
 async def test_microphone_through_pulseaudio_drives_the_stream(tmp_path: Path) -> None:
