@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -607,7 +607,7 @@ async def run_client(options: ClientOptions, stop: asyncio.Event | None = None) 
                 controls = _Controls(client, stop, info.get("emotions") or [])
                 shown = window
                 window.bind(controls, lambda: _status(client, shown, controls))
-                runners.append(asyncio.create_task(window.run(stop), name="client-window"))
+                runners.append(_watched(client, window.run(stop), "client-window"))
             if options.virtual_camera:
                 size = int(info.get("size", 512))
                 camera = VirtualCameraSink(size, size, fps, clock, options.camera_device, on_error=client.fail)
@@ -615,7 +615,7 @@ async def run_client(options: ClientOptions, stop: asyncio.Event | None = None) 
                     camera.queue.lead_s = delay_s
                 closers.append(camera.close)
                 client.timed_video_sinks.append(camera)
-                runners.append(asyncio.create_task(camera.run(stop), name="client-camera"))
+                runners.append(_watched(client, camera.run(stop), "client-camera"))
             if options.audio_out is not None:
                 player = AudioOutSink(options.audio_out, clock)
                 closers.append(player.close)
@@ -651,6 +651,19 @@ async def run_client(options: ClientOptions, stop: asyncio.Event | None = None) 
     if report.av_sync.startswith("unreliable"):
         logger.warning("A/V offset estimate %+.0f ms is %s", report.av_offset_ms or 0.0, report.av_sync)
     return report
+
+
+def _watched(client: AvatarClient, run: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """An output's own loop (window, camera) as a task whose failure ends the run with its reason."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            client.fail(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+
+    task = asyncio.create_task(run, name=name)
+    task.add_done_callback(done)
+    return task
 
 
 def _outputs(
