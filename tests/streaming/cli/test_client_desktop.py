@@ -222,7 +222,7 @@ async def test_microphone_moves_the_real_avatars_mouth(tmp_path: Path) -> None:
     speaking, quiet = loud > 0.02, loud < 0.002
     closed = np.median(op[quiet])
     print(f"mouth opening: speaking {np.mean(op[speaking] - closed):+.4f}, pause spread {np.std(op[quiet]):.4f}")
-    assert speaking.sum() >= 10 and quiet.sum() >= 10
+    assert speaking.sum() >= 5 and quiet.sum() >= 10, "a busy machine renders few frames, but not this few"
     # the mouth opens while speech is heard and rests while it is not
     assert np.percentile(op[speaking] - closed, 75) > 0.03
     assert np.percentile(np.abs(op[quiet] - closed), 90) < 0.01
