@@ -17,7 +17,7 @@ import numpy as np
 import soxr
 
 from engine.audio.pcm import SAMPLE_RATE
-from engine.media import MediaError, Mp4Writer, check_writable
+from engine.media import MediaError, VideoWriter, check_writable
 from streaming.transports.webrtc.playout import ClientError
 
 
@@ -35,7 +35,7 @@ class SessionRecorder:
         self.out_dir = out_dir
         self.fps = fps
         self.frames = 0
-        self._writer: Mp4Writer | None = None
+        self._writer: VideoWriter | None = None
         self._size: tuple[int, int] | None = None  # (width, height) of the first frame: the file's
         self._last_index = -1
         self._resampler: soxr.ResampleStream | None = None
@@ -49,7 +49,7 @@ class SessionRecorder:
             return
         if self._writer is None:
             self._size = (rgb.shape[1], rgb.shape[0])
-            writer = Mp4Writer(self.path, self.fps, self._size)
+            writer = VideoWriter(self.path, self.fps, self._size)
             writer.__enter__()
             self._writer = writer
             for chunk in self._pending:
