@@ -88,8 +88,6 @@ def read_audio_file(path: Path) -> tuple[np.ndarray, int]:
 
     Raises ClientError naming the file and the problem."""
     try:
-        if path.is_file() and path.stat().st_size == 0:
-            raise ClientError(f"{path}: the audio file is empty (0 bytes)")
         return load_audio(path)
     except MediaError as exc:
         raise ClientError(str(exc)) from exc

@@ -154,7 +154,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         assert result.output.startswith("Error: --url") and result.output.count("\n") == 1, result.output
     (tmp_path / "empty.wav").write_bytes(b"")
     result = runner.invoke(main, ["client", "--url", "http://127.0.0.1:9", "--wav", str(tmp_path / "empty.wav")])
-    assert result.exit_code == 1 and "empty.wav: the audio file is empty (0 bytes)" in result.output
+    assert result.exit_code == 1 and "empty.wav: the file is empty (0 bytes)" in result.output
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFFjunk")
     result = runner.invoke(main, ["client", "--url", "http://127.0.0.1:9", "--wav", str(bad)])

@@ -114,10 +114,10 @@ def test_audio_files_any_format_and_clear_errors(tmp_path: Path) -> None:
     assert abs(np.argmax(spectrum) * rate / pcm.shape[0] - 440.0) < 5.0, "the mp3's tone came through"
     assert 0.9 <= pcm.shape[0] / rate <= 1.2
     (tmp_path / "empty.wav").write_bytes(b"")
-    with pytest.raises(ClientError, match=r"empty\.wav: the audio file is empty \(0 bytes\)"):
+    with pytest.raises(ClientError, match=r"empty\.wav: the file is empty \(0 bytes\)"):
         read_audio_file(tmp_path / "empty.wav")
     (tmp_path / "bad.wav").write_bytes(b"RIFFjunk")
-    with pytest.raises(ClientError, match=r"bad\.wav: cannot decode audio \(.+\)"):
+    with pytest.raises(ClientError, match=r"bad\.wav: cannot decode audio: .+"):
         read_audio_file(tmp_path / "bad.wav")
     with pytest.raises(ClientError, match="not found"):
         read_audio_file(tmp_path / "missing.wav")
