@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import deque
@@ -33,12 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.audio.pcm import SAMPLE_RATE
+from engine.audio.pcm import SAMPLE_RATE, check_sample_rate
 from streaming.api import LiveSession
 from streaming.clock import frame_bound
 from streaming.frames import VideoFrame
 
+logger = logging.getLogger(__name__)
+
 REST_GAP_S = 0.4  # a frame this far from any speech shows the avatar at rest (the jaw has closed)
+FLUSH_S = 0.01  # speech pushed in a burst reaches the session together, at most this long after the first block
 MAX_PICTURES = 50  # pictures waiting for a slow consumer; beyond it the oldest are dropped (live video)
 
 
@@ -124,7 +128,15 @@ class SpeechSync:
         self._rest: VideoFrame | None = None
         self._last_index = -1  # last picture's frame index
         self._last_speech_frame = -(10**9)
+        self._inbox: deque[_Block | _Mark] = deque()  # pushed, not yet handed to the session
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_flush = -1e9
         self._ended = False
+        # the session's resampler stream (the input rate fixes it): source samples pushed, resampled samples the
+        # session took (or dropped) from it
+        self._stream_rate: int | None = None
+        self._stream_pushed = 0
+        self._stream_taken = 0
         self.pushed_samples = 0  # source samples pushed
         self.released_samples = 0  # source samples released as Speech
         self.interrupted_samples = 0  # source samples forgotten by interrupts
@@ -135,29 +147,24 @@ class SpeechSync:
     # --- input -------------------------------------------------------------------------------------------------
 
     def push(self, pcm: np.ndarray, sample_rate: int, meta: Any = None) -> None:
-        """Hand a block of speech (``[n, channels]`` int16) to the session and note where it will play."""
+        """Hand a block of speech (``[n, channels]`` int16) to the session, to be released with its frames.
+
+        Blocks that come in a burst reach the session together, at most ``FLUSH_S`` after the first one (placing
+        speech reads the session's metrics, which is worth doing once per burst rather than once per block)."""
         pcm = as_int16(pcm)
+        rate = check_sample_rate(sample_rate)
         if pcm.shape[0] == 0:
             return
-        before = self._position()
-        self.session.push_audio(pcm, sample_rate)
-        after = self._position()
-        accepted = after[1] - before[1]
-        dropped = after[2] - before[2]
-        if dropped > 0:
-            # the session kept the head of the block (its input buffer was full): keep the same share
-            keep = pcm.shape[0] * accepted // (accepted + dropped)
-            self.interrupted_samples += pcm.shape[0] - keep
-            pcm = pcm[:keep]
-        start = frame_bound(before[0], self.fps) + before[1]
-        self._ledger.append(_Block(start, max(0, accepted), pcm, int(sample_rate), meta))
+        self._inbox.append(_Block(0, 0, pcm, rate, meta))
         self.pushed_samples += pcm.shape[0]
         self._empty.clear()
-        self._start()
+        self._schedule_flush()
 
     def mark(self, item: Any) -> None:
         """Release ``item`` (as a :class:`Marker`) after all the speech pushed so far."""
-        if any(isinstance(e, _Block) for e in self._ledger):
+        if self._inbox:
+            self._inbox.append(_Mark(item))
+        elif any(isinstance(e, _Block) for e in self._ledger):
             self._ledger.append(_Mark(item))
         else:
             self._emit(Marker(item))
@@ -167,13 +174,17 @@ class SpeechSync:
         Returns the markers that were waiting (in order), for the caller to drop or pass on."""
         self.session.interrupt()
         self._interrupted_at = time.monotonic()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         held: list[Any] = []
-        for entry in self._ledger:
+        for entry in (*self._ledger, *self._inbox):
             if isinstance(entry, _Mark):
                 held.append(entry.item)
             else:
                 self.interrupted_samples += entry.pcm.shape[0] - entry.sent
         self._ledger.clear()
+        self._inbox.clear()
         self._empty.set()
         kept: deque[Event | None] = deque()
         for event in self._out:
@@ -188,10 +199,85 @@ class SpeechSync:
                 kept.append(event)
         self._out = kept
         self._bridging = self._rest is not None
-        if self._bridging and self._rest is not None:
+        if self._rest is not None:
             # show the rest frame now, in the slot after the last picture
             self._picture(replace(self._rest, frame_index=self._last_index + 1, created=time.monotonic()), rest=True)
         return held
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, self._last_flush + FLUSH_S - loop.time())
+        self._flush_handle = loop.call_later(wait, self._flush) if wait else loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Push the inbox to the session, one ``push_audio`` per run of blocks at one rate, and note where each
+        block will play."""
+        self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
+        inbox, self._inbox = self._inbox, deque()
+        while inbox:
+            run: list[_Block] = []
+            while inbox and isinstance(inbox[0], _Block) and (not run or inbox[0].rate == run[0].rate):
+                block = inbox.popleft()
+                assert isinstance(block, _Block)
+                run.append(block)
+            if run:
+                try:
+                    self._place(run)
+                except ValueError as exc:  # e.g. the session closed meanwhile
+                    logger.warning("%s: speech not taken: %s", self.session.id, exc)
+                    self.interrupted_samples += sum(b.pcm.shape[0] for b in run)
+            while inbox and isinstance(inbox[0], _Mark):
+                mark = inbox.popleft()
+                if any(isinstance(e, _Block) for e in self._ledger):
+                    self._ledger.append(mark)
+                else:
+                    assert isinstance(mark, _Mark)
+                    self._emit(Marker(mark.item))
+        if not self._ledger:
+            self._empty.set()
+        self._start()
+
+    def _place(self, run: list[_Block]) -> None:
+        rate = run[0].rate
+        if rate != self._stream_rate:
+            # the session ends its resampler's stream (the held tail plays first) and starts a new one
+            self._stream_taken = -self._held()
+            self._stream_pushed = 0
+            self._stream_rate = rate
+        before = self._position()
+        self.session.push_audio(np.concatenate([b.pcm for b in run]), rate)
+        after = self._position()
+        taken, dropped = after[1] - before[1], after[2] - before[2]
+        # the session's input starts at the next frame it commits, after what is waiting; its resampler holds the
+        # newest samples back until it has seen what follows, and the stream is time-aligned, so a block's ideal
+        # place on the resampled stream, less what the session took of the stream so far, is where it plays
+        base = frame_bound(before[0], self.fps) + before[1] - self._stream_taken
+        available = self._stream_taken + taken  # the stream up to here reached the session's time line
+        for block in run:
+            n = block.pcm.shape[0]
+            ideal = self._stream_pushed * SAMPLE_RATE // rate
+            length = (self._stream_pushed + n) * SAMPLE_RATE // rate - ideal
+            self._stream_pushed += n
+            if dropped > 0:
+                # the session's input buffer was full: it kept the head of what it was given
+                kept = int(np.clip(available - ideal, 0, length))
+                keep = n * kept // length if length else 0
+                self.interrupted_samples += n - keep
+                block.pcm, length = block.pcm[:keep], kept
+                if keep == 0:
+                    continue
+            block.start, block.length = base + ideal, length
+            self._ledger.append(block)
+        self._stream_taken += taken + dropped
+
+    def _held(self) -> int:
+        """Resampled samples of the current stream the session has not received yet (the resampler's tail)."""
+        if self._stream_rate is None:
+            return 0
+        return self._stream_pushed * SAMPLE_RATE // self._stream_rate - self._stream_taken
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every pushed block and marker has been released (False on timeout)."""
@@ -204,7 +290,8 @@ class SpeechSync:
     @property
     def pending_s(self) -> float:
         """Seconds of speech pushed and not yet released."""
-        return sum((e.pcm.shape[0] - e.sent) / e.rate for e in self._ledger if isinstance(e, _Block))
+        entries = (*self._ledger, *self._inbox)
+        return sum((e.pcm.shape[0] - e.sent) / e.rate for e in entries if isinstance(e, _Block))
 
     # --- output ------------------------------------------------------------------------------------------------
 
@@ -224,6 +311,9 @@ class SpeechSync:
 
     async def aclose(self) -> None:
         """Stop reading the session (idempotent); iterators end."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -288,7 +378,7 @@ class SpeechSync:
                 self._ledger.popleft()
                 self._emit(Marker(entry.item))
                 continue
-            if end < entry.start or (end == entry.start and entry.length > 0):
+            if end <= entry.start:
                 break
             entry.done = max(entry.done, min(entry.length, end - entry.start))
             total = entry.pcm.shape[0]
@@ -301,7 +391,7 @@ class SpeechSync:
             if entry.done < entry.length:
                 break
             self._ledger.popleft()
-        if not self._ledger:
+        if not self._ledger and not self._inbox:
             self._empty.set()
         return spoke
 
