@@ -16,8 +16,9 @@ input buffer overflow). Every output audio chunk of the session then releases th
 
 An interrupt forgets the ledger and tells the session (``LiveSession.interrupt``). Frames the session rendered
 before it are dropped (``VideoFrame.created`` is earlier than the interrupt, on the monotonic clock the runtime
-stamps frames with); until the first frame rendered after it arrives, the adapter shows the avatar's last rest
-frame, so the mouth stops at once whatever the session's own recovery time.
+stamps frames with). The adapter shows the avatar's last rest frame at once, in every frame slot until the
+session's own frames come back and for ``SETTLE_S`` of them (they still close the mouth from where it was), so the
+mouth stops within a frame whatever the session's own recovery time.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from streaming.frames import VideoFrame
 logger = logging.getLogger(__name__)
 
 REST_GAP_S = 0.4  # a frame this far from any speech shows the avatar at rest (the jaw has closed)
+SETTLE_S = 0.16  # after an interrupt, the session's first frames this long are covered by the rest frame
 FLUSH_S = 0.01  # speech pushed in a burst reaches the session together, at most this long after the first block
 MAX_PICTURES = 50  # pictures waiting for a slow consumer; beyond it the oldest are dropped (live video)
 
@@ -111,7 +113,12 @@ class SpeechSync:
     session. Call :meth:`aclose` when done; the session itself belongs to the caller."""
 
     def __init__(
-        self, session: LiveSession, *, rest_gap_s: float = REST_GAP_S, max_pictures: int = MAX_PICTURES
+        self,
+        session: LiveSession,
+        *,
+        rest_gap_s: float = REST_GAP_S,
+        settle_s: float = SETTLE_S,
+        max_pictures: int = MAX_PICTURES,
     ) -> None:
         self.session = session
         self.max_pictures = max(1, max_pictures)
@@ -124,7 +131,9 @@ class SpeechSync:
         self._empty.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._interrupted_at: float | None = None  # frames rendered before it are stale
-        self._bridging = False  # showing the rest frame until a frame rendered after the interrupt comes
+        self._bridging = False  # showing the rest frame until the session's own frames have settled
+        self._settle = max(1, math.ceil(settle_s * session.fps))  # fresh frames held after an interrupt
+        self._fresh = 0
         self._rest: VideoFrame | None = None
         self._last_index = -1  # last picture's frame index
         self._last_speech_frame = -(10**9)
@@ -199,6 +208,7 @@ class SpeechSync:
                 kept.append(event)
         self._out = kept
         self._bridging = self._rest is not None
+        self._fresh = 0
         if self._rest is not None:
             # show the rest frame now, in the slot after the last picture
             self._picture(replace(self._rest, frame_index=self._last_index + 1, created=time.monotonic()), rest=True)
@@ -420,7 +430,15 @@ class SpeechSync:
             if self._interrupted_at is not None and 0.0 < frame.created < self._interrupted_at:
                 self.stale_dropped += 1
                 continue
-            self._bridging = False
+            if self._bridging:
+                # the session's first frames after an interrupt still close the mouth from where it was: hold the
+                # rest frame over them rather than open the mouth again
+                self._fresh += 1
+                if self._fresh <= self._settle:
+                    if frame.frame_index > self._last_index and self._rest is not None:
+                        self._picture(replace(self._rest, frame_index=frame.frame_index, created=frame.created), True)
+                    continue
+                self._bridging = False
             if frame.frame_index <= self._last_index:
                 continue  # its slot was filled by a rest frame already
             if self._at_rest(frame.frame_index):
