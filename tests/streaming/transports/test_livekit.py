@@ -180,11 +180,11 @@ async def test_in_process_avatar_runner_and_queue_audio_output(monkeypatch: pyte
     assert np.array_equal(played_first, first)
     assert not done.interrupted and done.playback_position == pytest.approx(1.0, abs=0.03)
     first_audio = [t for t, _ in audio if t < t_done]
-    assert first_audio[0] - t_reply == pytest.approx(0.2, abs=0.12), "one engine latency after the reply came"
-    assert first_audio[-1] - first_audio[0] == pytest.approx(1.0, abs=0.15)
+    assert first_audio[0] - t_reply == pytest.approx(0.2, abs=0.15), "one engine latency after the reply came"
+    assert first_audio[-1] - first_audio[0] == pytest.approx(1.0, abs=0.25)
     video = spy.video()
     span = video[-1][0] - video[0][0]
-    assert (len(video) - 1) / span == pytest.approx(FPS, rel=0.15), "frames at the session's fps, idle included"
+    assert (len(video) - 1) / span == pytest.approx(FPS, rel=0.2), "frames at the session's fps, idle included"
 
     # the interrupted reply: playback_finished(interrupted) at about where it was, no audio after the clear
     t_int, stopped = playback.finished()[1]
@@ -194,7 +194,7 @@ async def test_in_process_avatar_runner_and_queue_audio_output(monkeypatch: pyte
     after = [(t - t_clear, rgb(f)) for t, f in video if t > t_clear]
     idle = rgb(video[0][1])
     assert after[0][0] < 0.12 and np.array_equal(after[0][1], idle), "the mouth is at rest within 120 ms"
-    assert max(b[0] - a[0] for a, b in itertools.pairwise(after[:20])) < 3.5 / FPS
+    assert max(b[0] - a[0] for a, b in itertools.pairwise(after[:20])) < 4.5 / FPS
 
 
 def test_worker_token_publishes_on_behalf_of_the_agent() -> None:

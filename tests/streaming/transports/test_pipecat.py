@@ -115,14 +115,14 @@ async def test_speaks_in_a_pipecat_pipeline() -> None:
         images = rec.of(OutputImageRawFrame)
         assert {(f.size, f.format) for _, f in images} == {((8, 8), "RGB")}
         span = images[-1][0] - images[0][0]
-        assert (len(images) - 1) / span == pytest.approx(FPS, rel=0.15), "frames out at the configured fps"
+        assert (len(images) - 1) / span == pytest.approx(FPS, rel=0.2), "frames out at the configured fps"
         assert images[0][0] - t0 < 1.0, "frames come while idle, before any speech"
 
         out = rec.of(TTSAudioRawFrame)
         assert audio_bytes([f for _, f in out]) == pcm.tobytes(), "audio out equals audio in, sample for sample"
         assert {(f.sample_rate, f.num_channels, f.context_id) for _, f in out} == {(24_000, 1, "hello")}
         # delayed to the frames: the speech spreads over its real duration instead of arriving as a burst
-        assert out[-1][0] - out[0][0] == pytest.approx(1.0, abs=0.15)
+        assert out[-1][0] - out[0][0] == pytest.approx(1.0, abs=0.25)
         started = rec.of(TTSStartedFrame)[0][0]
         stopped = rec.of(TTSStoppedFrame)[0][0]
         assert started < out[0][0] and stopped >= out[-1][0], "TTS start/stop keep their place around the audio"
@@ -166,7 +166,7 @@ async def test_interruption_stops_speech_at_once() -> None:
         still = [x for dt, x in after if dt < 0.5]
         assert all(np.abs(x.astype(int) - idle).mean() < 1.0 for x in still), "and stays there"
         times = [t for t, _ in images]
-        assert max(b - a for a, b in itertools.pairwise(times)) < 3.5 / FPS, "frames keep coming through it"
+        assert max(b - a for a, b in itertools.pairwise(times)) < 4.5 / FPS, "frames keep coming through it"
     finally:
         await runtime.aclose()
 

@@ -22,12 +22,12 @@ import pytest
 
 pytest.importorskip("pipecat")
 
-from aiohttp.test_utils import TestServer  # noqa: E402
-from PIL import Image  # noqa: E402
+from aiohttp.test_utils import TestServer
+from PIL import Image
 
-from streaming.measure.browser import DevTools, open_page  # noqa: E402
-from streaming.pipelines import RuntimeConfig  # noqa: E402
-from streaming.runtime import Runtime  # noqa: E402
+from streaming.measure.browser import DevTools, open_page
+from streaming.pipelines import RuntimeConfig
+from streaming.runtime import Runtime
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(180)]
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "pipecat_avatar.py"
@@ -103,8 +103,10 @@ async def test_example_in_headless_chromium(tmp_path: Path) -> None:
             after = await stats(page)
             shots.append(await snapshot(page))
             fps = (after["framesDecoded"] - first) / (time.monotonic() - t0)
-            print(f"\nchromium + pipecat example: {after}, decoded fps {fps:.1f}, energy {quiet:.4f} -> "
-                  f"{speaking:.4f} -> {held:.4f} -> {after['audioEnergy']:.4f}")
+            print(
+                f"\nchromium + pipecat example: {after}, decoded fps {fps:.1f}, energy {quiet:.4f} -> "
+                f"{speaking:.4f} -> {held:.4f} -> {after['audioEnergy']:.4f}"
+            )
             assert after["audioEnergy"] - held < 0.2 * (speaking - quiet), "the speech stopped on interrupt"
             assert fps >= 15.0, after
             assert shots[0].shape == (512, 512, 3)

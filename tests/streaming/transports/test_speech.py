@@ -58,13 +58,14 @@ async def test_speech_comes_back_whole_with_its_frames() -> None:
 
     # it starts with the frame it landed on, one session latency after the push, and is spread over its frames
     first = speech[0]
-    assert first.t - t_push == pytest.approx(session.latency_s, abs=2.5 / FPS)
+    assert first.t - t_push == pytest.approx(session.latency_s, abs=0.15)
     pictures = [s for s in log if isinstance(s.item, Picture)]
-    before = [p.item.frame.frame_index for p in pictures if p.t <= first.t]
     landed = frame_bound(committed, FPS) // (SAMPLE_RATE // FPS)
-    assert abs(before[-1] - landed) <= 2
+    early = [p.item.frame.frame_index for p in pictures if p.t > first.t and p.item.frame.frame_index < landed - 1]
+    late = [p.item.frame.frame_index for p in pictures if p.t < first.t and p.item.frame.frame_index > landed + 1]
+    assert not early and not late, "the speech comes out with the frame it landed on (drops aside)"
     duration = speech[-1].t - first.t
-    assert duration == pytest.approx(1.2, abs=0.15), "released in real time, frame by frame, not in a burst"
+    assert duration == pytest.approx(1.2, abs=0.25), "released in real time, frame by frame, not in a burst"
 
     # the marker comes after the last speech, and only then
     marks = [i for i, s in enumerate(log) if isinstance(s.item, Marker)]
