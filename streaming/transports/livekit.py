@@ -71,6 +71,9 @@ class EngineVideoGenerator(VideoGenerator):
         self.audio_sample_rate = int(audio_sample_rate)
         self.audio_channels = int(audio_channels)
         self.speech = SpeechSync(session, max_pictures=QUEUE_PICTURES)
+        # the runner's synchronizer: its audio queue (~100 ms) is emptied on clear_buffer too, when known
+        self.av_sync: rtc.AVSynchronizer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._resampler: StreamingResampler | None = None
         self._resampling_from: int | None = None
 
@@ -100,11 +103,18 @@ class EngineVideoGenerator(VideoGenerator):
         self.speech.interrupt()  # the runner reports the interrupted playback itself
         self._resampler = None
         self._resampling_from = None
+        if self.av_sync is not None:
+            task = asyncio.get_running_loop().create_task(self.av_sync.clear_queue())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         return self._frames()
 
     async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.speech.aclose()
 
     # --- internals ---------------------------------------------------------------------------------------------
@@ -176,6 +186,7 @@ class EngineAvatar:
         self.runner = AvatarRunner(
             room, audio_recv=self.audio_output, video_gen=self.generator, options=self.generator.options
         )
+        self.generator.av_sync = self.runner.av_sync
         await self.runner.start()
         agent_session.output.audio = self.audio_output
 
@@ -298,6 +309,7 @@ async def serve_avatar_worker(
     generator = EngineVideoGenerator(session, audio_sample_rate=audio_sample_rate)
     receiver = DataStreamAudioReceiver(room, sender_identity=agent.identity)
     runner = AvatarRunner(room, audio_recv=receiver, video_gen=generator, options=generator.options)
+    generator.av_sync = runner.av_sync
 
     def on_left(participant: rtc.RemoteParticipant) -> None:
         if participant.identity == agent.identity:

@@ -165,6 +165,8 @@ async def test_in_process_avatar_runner_and_queue_audio_output(monkeypatch: pyte
         t_clear = time.monotonic()
         output.clear_buffer()
         await playback.wait_finished(2)
+        assert avatar_.runner is not None
+        queued = avatar_.runner._audio_source.queued_duration  # what the track still had to play
         await asyncio.sleep(0.5)
     finally:
         await avatar_.aclose()
@@ -191,6 +193,7 @@ async def test_in_process_avatar_runner_and_queue_audio_output(monkeypatch: pyte
     assert stopped.interrupted and 0.5 < stopped.playback_position < 1.2
     assert t_int - t_clear < 0.12
     assert not [t for t, _ in audio if t > t_clear + 0.06], "no stale audio after clear_buffer"
+    assert queued < 0.02, "the audio the track had queued was dropped too"
     after = [(t - t_clear, rgb(f)) for t, f in video if t > t_clear]
     idle = rgb(video[0][1])
     assert after[0][0] < 0.12 and np.array_equal(after[0][1], idle), "the mouth is at rest within 120 ms"

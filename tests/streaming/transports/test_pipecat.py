@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
 import subprocess
 import time
 import wave
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("pipecat")
 
@@ -221,6 +224,13 @@ def espeak(text: str) -> tuple[np.ndarray, int]:
         return np.frombuffer(w.readframes(w.getnframes()), np.int16).copy(), w.getframerate()
 
 
+def save_sheet(images: list[np.ndarray], name: str) -> None:
+    """A contact sheet of ``images`` where AGENTS_SHEETS points (to look at what a user sees)."""
+    folder = os.environ.get("AGENTS_SHEETS")
+    if folder and images:
+        Image.fromarray(np.concatenate([x[::2, ::2] for x in images], axis=1)).save(Path(folder) / name)
+
+
 @pytest.mark.slow
 async def test_classic_avatar_in_a_pipecat_pipeline() -> None:
     """The engine as a user builds it (classic mode, default avatar): the mouth moves while the speech plays,
@@ -252,6 +262,11 @@ async def test_classic_avatar_in_a_pipecat_pipeline() -> None:
     opening = mouth_opening(np.stack([rgb(f) for _, f in images]), box)
     motion = np.abs(np.diff(opening))  # mouth change between consecutive frames
     speaking = motion[1:][(stamps[1:-1] > out[0][0] + 0.2) & (stamps[1:-1] < t_int)]
+    pick = [
+        int(np.argmin(np.abs(stamps - t))) for t in (out[0][0] - 0.5, out[0][0] + 0.5, out[0][0] + 1.0, t_int + 0.05)
+    ]
+    pick.append(int(np.argmax(opening[: pick[-1]])))
+    save_sheet([rgb(images[i][1]) for i in pick], "pipecat_classic.png")
     stopped = motion[1:][stamps[1:-1] > t_int + 0.12]
     print(
         f"\nclassic in pipecat: {len(images)} frames at {fps:.1f} fps, speech {len(played) / 2 / rate:.2f} s played, "
