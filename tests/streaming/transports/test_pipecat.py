@@ -205,6 +205,13 @@ async def test_controls_as_frames_and_refusals_as_errors() -> None:
 def test_set_controls_validates_against_the_schema() -> None:
     async def main() -> None:
         runtime = pattern_runtime()
+        assert avatar_video_params(runtime) == {
+            "video_out_enabled": True,
+            "video_out_is_live": True,
+            "video_out_width": 8,
+            "video_out_height": 8,
+            "video_out_framerate": FPS,
+        }
         service = AvatarVideoService(runtime=runtime, avatar=avatar())
         assert service.set_controls({"emotion": "sad"}) == {"emotion": "sad"}  # kept for the session
         await run_test(Pipeline([service]), frames_to_send=[SleepFrame(0.2)], start_timeout=10.0)
@@ -277,4 +284,3 @@ async def test_classic_avatar_in_a_pipecat_pipeline() -> None:
     assert len(speaking) >= 10 and len(stopped) >= 10
     assert speaking.mean() > 5 * stopped.mean(), "the mouth moves while speaking and is still after the interrupt"
     assert stopped.max() < 0.25 * speaking.max()
-    assert avatar_video_params  # the transport params helper is importable with the extra
