@@ -45,6 +45,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from engine.avatar.record import Avatar
+from engine.motion.control_schema import ControlValueError, validate_control
 from streaming.api import ControlError, LiveSession
 from streaming.pipelines import RuntimeConfig
 from streaming.runtime import Runtime
@@ -127,6 +128,10 @@ class AvatarVideoService(FrameProcessor):
         :class:`~streaming.api.ControlError` naming the problem (unknown key, bad value, a control the running
         motion generator cannot honour). Before the pipeline starts, the controls are kept for the session."""
         if self._session is None:
+            try:
+                validate_control({**self._initial_controls, **controls})
+            except ControlValueError as exc:
+                raise ControlError(str(exc)) from exc
             self._initial_controls.update(controls)
             return dict(self._initial_controls)
         return self._session.control(controls)
@@ -148,7 +153,11 @@ class AvatarVideoService(FrameProcessor):
         await super().process_frame(frame, direction)
         if isinstance(frame, StartFrame):
             await self.push_frame(frame, direction)
-            await self._open()
+            try:
+                await self._open()
+            except Exception as exc:  # a missing avatar, weights that cannot load, refused initial controls
+                await self._close(drain=False)
+                await self.push_error(f"avatar: cannot start: {exc}", exception=exc, force_treat_as_permanent=True)
         elif isinstance(frame, EndFrame):
             await self._close(drain=True)
             await self.push_frame(frame, direction)

@@ -36,6 +36,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from engine.avatar.default import default_landmarks
+from streaming.api import ControlError
 from streaming.measure.sync import mouth_box, mouth_opening
 from streaming.pipelines import RuntimeConfig
 from streaming.transports.pipecat import AvatarControlFrame, AvatarVideoService, avatar_video_params
@@ -218,8 +219,22 @@ def test_set_controls_validates_against_the_schema() -> None:
         await runtime.aclose()
 
     asyncio.run(main())
+    with pytest.raises(ControlError, match="unknown emotion"):
+        AvatarVideoService(config=RuntimeConfig()).set_controls({"emotion": "bored"})
     with pytest.raises(ValueError, match="either a runtime or a config"):
         AvatarVideoService(runtime=object(), config=RuntimeConfig())  # type: ignore[arg-type]
+
+
+async def test_an_avatar_that_cannot_start_is_reported() -> None:
+    runtime = pattern_runtime()
+    service = AvatarVideoService(runtime=runtime, avatar="no-such-avatar")
+    try:
+        _, up = await run_test(Pipeline([service]), frames_to_send=[SleepFrame(0.2)], start_timeout=10.0)
+        errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+        assert len(errors) == 1 and "cannot start" in errors[0] and "no-such-avatar" in errors[0], errors
+        assert service.session is None and runtime.sessions == {}
+    finally:
+        await runtime.aclose()
 
 
 def espeak(text: str) -> tuple[np.ndarray, int]:
