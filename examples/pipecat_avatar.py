@@ -54,11 +54,16 @@ logger = logging.getLogger("pipecat-avatar")
 
 
 class PageCommands(FrameProcessor):
-    """The page's data-channel messages: ``{"say": text}``, ``{"interrupt": true}``, ``{"controls": {...}}``."""
+    """The page's data-channel messages (``"type": "avatar"``): ``"say": text``, ``"interrupt": true``,
+    ``"controls": {...}``."""
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
-        if isinstance(frame, InputTransportMessageFrame) and isinstance(frame.message, dict):
+        if (
+            isinstance(frame, InputTransportMessageFrame)
+            and isinstance(frame.message, dict)
+            and (frame.message.get("type") == "avatar")
+        ):
             message: dict[str, Any] = frame.message
             if message.get("interrupt"):
                 await self.broadcast_interruption()
