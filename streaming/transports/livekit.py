@@ -50,7 +50,7 @@ from streaming.transports.speech import Picture, Speech, SpeechSync, as_int16
 logger = logging.getLogger(__name__)
 
 AUDIO_SAMPLE_RATE = 24_000  # the runner's audio track (most TTS voices speak at 24 kHz; others are resampled)
-QUEUE_PICTURES = 4  # frames waiting for the runner's synchronizer; more would only add latency
+QUEUE_PICTURES = 1  # a frame waiting for the runner (whose synchronizer queues two more): newer ones replace it
 AVATAR_IDENTITY = "avatar-engine"
 
 
@@ -187,7 +187,11 @@ class EngineAvatar:
             room, audio_recv=self.audio_output, video_gen=self.generator, options=self.generator.options
         )
         self.generator.av_sync = self.runner.av_sync
-        await self.runner.start()
+        try:
+            await self.runner.start()
+        except BaseException:
+            await self.aclose()
+            raise
         agent_session.output.audio = self.audio_output
 
     def control(self, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,9 +306,18 @@ async def serve_avatar_worker(
     avatar's tracks, until the agent leaves, the room disconnects or ``stop`` is set. ``agent_identity`` None:
     the first agent participant (what ``DataStreamAudioReceiver`` picks)."""
     stop = stop or asyncio.Event()
-    agent = await wait_for_participant(
-        room=room, identity=agent_identity, kind=None if agent_identity else rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-    )
+    kind = None if agent_identity else rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    joined = asyncio.ensure_future(wait_for_participant(room=room, identity=agent_identity, kind=kind))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({joined, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not joined.done():
+            joined.cancel()
+    if joined.cancelled():
+        return  # stopped before the agent came
+    agent = joined.result()
     session = await runtime.open_session(avatar, controls=dict(controls) if controls else None)
     generator = EngineVideoGenerator(session, audio_sample_rate=audio_sample_rate)
     receiver = DataStreamAudioReceiver(room, sender_identity=agent.identity)

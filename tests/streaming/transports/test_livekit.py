@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,12 +34,18 @@ from streaming.transports.livekit import (
     avatar_token,
     serve_avatar_worker,
 )
-from tests.streaming.transports.agent_doubles import FPS, avatar, pattern_runtime, pattern_session, voice
+from tests.streaming.transports.agent_doubles import FPS, avatar, pattern_runtime, pattern_session, quiet_gc, voice
 from tests.streaming.transports.livekit_standin import StandInAgentSession, StandInRoom, join
 
 pytestmark = pytest.mark.timeout(120)
 RATE = 24_000
 SECRET = "a-secret-of-32-characters-at-least!"  # the token signer wants 32+ characters
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_pauses() -> Iterator[None]:
+    with quiet_gc():
+        yield
 
 
 class SyncSpy:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 import wave
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,15 @@ from streaming.api import ControlError
 from streaming.measure.sync import mouth_box, mouth_opening
 from streaming.pipelines import RuntimeConfig
 from streaming.transports.pipecat import AvatarControlFrame, AvatarVideoService, avatar_video_params
-from tests.streaming.transports.agent_doubles import FPS, avatar, pattern_runtime, voice
+from tests.streaming.transports.agent_doubles import FPS, avatar, pattern_runtime, quiet_gc, voice
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_pauses() -> Iterator[None]:
+    with quiet_gc():
+        yield
 
 
 class FakeTTS(FrameProcessor):

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,8 +29,17 @@ from PIL import Image
 from streaming.measure.browser import DevTools, open_page
 from streaming.pipelines import RuntimeConfig
 from streaming.runtime import Runtime
+from tests.streaming.transports.agent_doubles import quiet_gc
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_pauses() -> Iterator[None]:
+    with quiet_gc():
+        yield
+
+
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "pipecat_avatar.py"
 SNAPSHOT_JS = """(() => { const v = document.getElementById('avatar'); const c = document.createElement('canvas');
 c.width = v.videoWidth; c.height = v.videoHeight; c.getContext('2d').drawImage(v, 0, 0);

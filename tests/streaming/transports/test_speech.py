@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,10 +14,16 @@ import pytest
 from engine.audio.pcm import SAMPLE_RATE
 from streaming.clock import frame_bound
 from streaming.transports.speech import Marker, Picture, Speech, SpeechSync
-from tests.streaming.transports.agent_doubles import FPS, Stamped, pattern_session, voice
+from tests.streaming.transports.agent_doubles import FPS, Stamped, pattern_session, quiet_gc, voice
 
 pytestmark = pytest.mark.timeout(60)
 RATE = 24_000
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_pauses() -> Iterator[None]:
+    with quiet_gc():
+        yield
 
 
 async def collect(sync: SpeechSync, into: list[Stamped]) -> None:
