@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
+import shutil
+import subprocess
 import time
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -99,3 +103,12 @@ def now() -> float:
 
 def samples_16k(n: int, rate: int) -> int:
     return n * SAMPLE_RATE // rate
+
+
+def espeak(text: str) -> tuple[np.ndarray, int]:
+    """Real speech from Debian's espeak-ng (int16 mono, its own rate); :func:`voice` stands in without it."""
+    if shutil.which("espeak-ng") is None:
+        return voice(3.0, 22_050), 22_050
+    wav = subprocess.run(["espeak-ng", "--stdout", text], check=True, capture_output=True).stdout
+    with wave.open(io.BytesIO(wav)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16).copy(), w.getframerate()
