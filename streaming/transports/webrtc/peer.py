@@ -245,6 +245,7 @@ class Peer:
             "video_fps": round(session_metrics.get("fps", 0.0), 2),
             "video_state": VIDEO_STATES[int(session_metrics.get("video_state", 0.0))],
             "video_repeated": self.stats.video_repeated,
+            "picture_lag_ms": round(self.stats.picture_lag_ms(self.session.fps), 1),
             "latency_ms": round(_latency_ms(session_metrics, send_latency_ms), 1),
             "send_latency_ms": round(send_latency_ms, 1),
             "video_sent": self.stats.video_sent,

@@ -40,6 +40,7 @@ class TrackStats:
 
     video_sent: int = 0
     video_repeated: int = 0  # sent frames that repeated the previous picture (the session was late)
+    video_lag_frames: int = 0  # sum over sent frames of how many slots old their picture was (late or repeated)
     video_dropped: int = 0
     audio_frames_sent: int = 0
     audio_late_samples: int = 0  # output audio that arrived after its slot was already sent (as silence)
@@ -53,6 +54,11 @@ class TrackStats:
         self._send_times.append(now)
         if created > 0:
             self.send_latency_s = max(0.0, now - created)
+
+    def picture_lag_ms(self, fps: int) -> float:
+        """Mean age of the sent pictures behind their slots (ms): the lip-sync cost of late and repeated pictures,
+        which the viewer sees as the mouth trailing its sound by this much on average."""
+        return 1000.0 * self.video_lag_frames / (self.video_sent * fps) if self.video_sent else 0.0
 
     def fps(self) -> float:
         """Frames sent per second over the last ~2 s."""
@@ -99,6 +105,7 @@ class SessionVideoTrack(MediaStreamTrack):
             out.time_base = Fraction(1, VIDEO_CLOCK_RATE)
             self._stats.on_video_sent(frame.created)
             self._stats.video_repeated += int(frame.repeated)
+            self._stats.video_lag_frames += frame.lag
             return out
 
 
