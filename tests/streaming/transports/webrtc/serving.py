@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streaming.testing import FakeFactory
@@ -20,6 +20,7 @@ from streaming.transports.webrtc.app import SERVER_KEY
 from streaming.transports.webrtc.server import AvatarServer
 
 SDP = "application/sdp"
+NO_STUN = RTCConfiguration(iceServers=[])  # the tests' own peers stay on this machine too (host candidates only)
 
 
 @dataclass
@@ -58,7 +59,7 @@ async def publisher(
     audio: MediaStreamTrack | None = None, video: bool = True, audio_line: bool = True
 ) -> RTCPeerConnection:
     """A WHIP publisher as RFC 9725 wants it: audio (and video) ``sendonly``; the offer is its local description."""
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(NO_STUN)
     if audio_line:
         pc.addTransceiver(audio if audio is not None else "audio", direction="sendonly")
     if video:
@@ -69,7 +70,7 @@ async def publisher(
 
 async def player(audio: bool = True) -> RTCPeerConnection:
     """A WHEP player: video (and audio) ``recvonly``."""
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(NO_STUN)
     pc.addTransceiver("video", direction="recvonly")
     if audio:
         pc.addTransceiver("audio", direction="recvonly")

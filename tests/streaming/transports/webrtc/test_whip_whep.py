@@ -27,7 +27,7 @@ from streaming.transports.webrtc import ServerConfig
 from streaming.transports.webrtc.client import ArrayAudioTrack
 from streaming.transports.webrtc.config import IceServer
 
-from .serving import SDP, Served, apply_answer, directions, player, publisher, serve, wait_for, watch_video
+from .serving import NO_STUN, SDP, Served, apply_answer, directions, player, publisher, serve, wait_for, watch_video
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "sesame"
@@ -356,7 +356,7 @@ async def test_whip_voice_reaches_whep_viewers_and_one_session_renders_once(serv
 
 async def test_the_page_session_can_be_watched_over_whep(served: Served) -> None:
     """``/offer`` answers with ``session``: WHEP viewers of that id see the page's avatar."""
-    page = RTCPeerConnection()
+    page = RTCPeerConnection(NO_STUN)
     page.addTransceiver("video", direction="recvonly")
     await page.setLocalDescription(await page.createOffer())
     async with aiohttp.ClientSession() as http:
