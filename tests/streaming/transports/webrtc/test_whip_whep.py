@@ -291,7 +291,7 @@ async def test_whep_player_gets_sendonly_avatar_of_a_new_session(served: Served)
 async def test_whip_voice_reaches_whep_viewers_and_one_session_renders_once(served: Served) -> None:
     """A publisher's tone bursts drive one session; three WHEP viewers get every frame of it, each showing the
     bursts (the fake session turns red while the audio it echoes is loud), and the session renders each frame once."""
-    voice = ArrayAudioTrack(burst_signal(12.0), 48_000)
+    voice = ArrayAudioTrack(burst_signal(40.0), 48_000)  # longer than the test: bursts all along
     pub = await publisher(voice, video=False)
     async with aiohttp.ClientSession() as http:
         status, headers, answer = await post(http, f"{served.url}/whip", pub.localDescription.sdp)
