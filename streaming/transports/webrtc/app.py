@@ -7,6 +7,8 @@ Routes (``*`` = bearer token required when the server has one):
 - ``GET /health``: status, mode, banner, session count (public: the page reads its banner here).
 - ``POST /offer`` *: ``{"sdp", "type": "offer"}`` -> ``{"sdp", "type": "answer", "session", "mode", ...}``.
 - ``POST /whip`` *, ``POST /whep`` *, ``POST /whep/{session}`` * and their resources: see ``whip.py``.
+- ``GET /sessions`` *: the running sessions (id, who opened them, viewers) and where to watch each.
+- ``GET /watch?session=ID&token=T``: a page that watches a session over WHEP.
 - ``GET /ws?session=ID`` *: websocket ingest (binary PCM16 mono 16 kHz, text control JSON).
 - ``GET /metrics`` *: Prometheus text.
 
@@ -88,6 +90,15 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def watch_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(WEB_DIR / "watch.html", headers={"Cache-Control": "no-cache"})
+
+
+async def sessions(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    return web.json_response({"sessions": server.listing(), "max_sessions": server.config.max_sessions})
+
+
 async def health(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     info = server.info()
@@ -137,6 +148,8 @@ def create_app(factory: SessionFactory, config: ServerConfig | None = None) -> w
     app[SERVER_KEY] = server
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
+    app.router.add_get("/watch", watch_page)
+    app.router.add_get("/sessions", protected(sessions))
     app.router.add_post("/offer", protected(offer))
     add_routes(app)
     app.router.add_get("/ws", protected(ws_handler, allow_query=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -169,6 +170,13 @@ class AvatarServer:
                 slot.release()
             raise
         self.counters["sessions_opened_total"] += 1
+        logger.info(
+            "session %s opened (%s): watch it with POST /whep/%s or /watch?session=%s",
+            peer.name,
+            role,
+            peer.id,
+            peer.id,
+        )
         return peer, answer
 
     async def open_viewer(self, session_ref: str, offer: Offer) -> tuple[Peer, str]:
@@ -201,6 +209,26 @@ class AvatarServer:
         info = dict(self.factory.describe())
         info.setdefault("banner", None)
         return info
+
+    def listing(self) -> list[dict[str, Any]]:
+        """The running sessions: the id that names them in URLs, who opened them, and their viewers."""
+        now = time.monotonic()
+        out = []
+        for sid, hosted in self.hosted.items():
+            owner = hosted.owner
+            assert owner is not None
+            out.append(
+                {
+                    "id": sid,
+                    "name": hosted.session.id,
+                    "opened_by": owner.role,
+                    "age_s": round(now - owner.created, 1),
+                    "viewers": len(hosted.viewers),
+                    "whep": f"/whep/{sid}",
+                    "watch": f"/watch?session={sid}",
+                }
+            )
+        return out
 
     def metric_values(self) -> dict[str, float]:
         values = dict(self.counters)

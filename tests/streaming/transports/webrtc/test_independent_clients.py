@@ -19,10 +19,12 @@ import pytest
 
 from engine.avatar.default import SIZE, default_landmarks
 from streaming.factory import open_engine_factory
+from streaming.measure.browser import open_page
 from streaming.measure.sync import mouth_box
 from streaming.pipelines import RuntimeConfig
 from streaming.testing import FakeFactory, burst_signal
 from streaming.transports.webrtc import ServerConfig
+from streaming.transports.webrtc.client import ArrayAudioTrack
 
 from .independent import (
     CAMERA,
@@ -34,10 +36,11 @@ from .independent import (
     wav_pipeline,
     whip_client_env,
 )
-from .serving import Served, serve, wait_for
+from .serving import Served, apply_answer, publisher, serve, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 TOKEN = "sesame"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def write_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
@@ -166,6 +169,38 @@ async def test_chromium_whep_player_watches_a_session(tmp_path: Path) -> None:
             await wait_for(lambda: not served.peers, 5.0)
             assert (await player_state(page))["deleted"] == 200 and served.factory.sessions[0].closed
     finally:
+        await server.close()
+
+
+@pytest.mark.browser
+async def test_the_shipped_watch_page_shows_a_published_session(tmp_path: Path) -> None:
+    """``/watch?session=ID`` (the server's own WHEP page) shows the session a WHIP publisher drives."""
+    server, served = await serve(ServerConfig(token=TOKEN), FakeFactory(size=96))
+    wav = write_wav(tmp_path / "silence.wav", np.zeros(16_000, np.float32), 16_000)
+    voice = ArrayAudioTrack(burst_signal(30.0), 48_000)
+    pub = await publisher(voice, video=False)
+    try:
+        async with aiohttp.ClientSession() as http, http.post(
+            f"{served.url}/whip", data=pub.localDescription.sdp, headers={**AUTH, "Content-Type": "application/sdp"}
+        ) as resp:  # fmt: skip
+            assert resp.status == 201
+            sid = resp.headers["Location"].rsplit("/", 1)[1]
+            await apply_answer(pub, await resp.text())
+        async with open_page(f"{served.url}/watch?session={sid}&token={TOKEN}", wav, tmp_path / "profile") as page:
+            shown = "(document.getElementById('avatar') || null)?.getVideoPlaybackQuality().totalVideoFrames"
+            for _ in range(300):
+                if (await page.evaluate(shown) or 0) >= 50:
+                    break
+                await asyncio.sleep(0.1)
+            size = await page.evaluate("[document.getElementById('avatar').videoWidth, "
+                                       "document.getElementById('avatar').videoHeight]")  # fmt: skip
+            frames = await page.evaluate(shown)
+            print(f"\nthe watch page shows {frames} frames at {size}")
+            assert frames >= 50 and size == [96, 96]
+            hosted = served.server.hosted[sid]
+            assert len(hosted.viewers) == 1 and len(served.factory.sessions) == 1
+    finally:
+        await pub.close()
         await server.close()
 
 

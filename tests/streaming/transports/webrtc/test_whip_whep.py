@@ -333,11 +333,14 @@ async def test_whip_voice_reaches_whep_viewers_and_one_session_renders_once(serv
             assert (red > 128).mean() > 0.1 and (red < 128).mean() > 0.1, red
         assert session.pushed_samples > 16_000 * 5
 
-        async with (
-            aiohttp.ClientSession() as metrics_http,
-            metrics_http.get(f"{served.url}/metrics", headers=AUTH) as r,
-        ):
-            text = await r.text()
+        async with http.get(f"{served.url}/sessions") as resp:
+            assert resp.status == 401
+        async with http.get(f"{served.url}/sessions", headers=AUTH) as resp:
+            listing = (await resp.json())["sessions"]
+        sid = headers["Location"].rsplit("/", 1)[1]
+        assert [(e["id"], e["opened_by"], e["viewers"], e["whep"]) for e in listing] == [(sid, "whip", 3, watch_url)]
+        async with http.get(f"{served.url}/metrics", headers=AUTH) as resp:
+            text = await resp.text()
         assert "avatar_viewers_active 3.0" in text and "avatar_sessions_active 1.0" in text
         assert f'avatar_session_viewers{{session="{session.id}"}} 3.0' in text
         # a viewer leaving leaves the session; the publisher leaving ends it for every viewer
