@@ -53,6 +53,7 @@ class Hosted:
         self.viewer_slots = Slots(max_viewers)
         self.viewer_leases: dict[str, Slot] = {}
         self.closed_peers: Counter[str] = Counter()  # counters of its peers that left (counters never go back)
+        self.opened = False  # answered: counted in sessions_opened_total (a failed open is not a session)
 
     @property
     def peers(self) -> list[Peer]:
@@ -125,7 +126,7 @@ class AvatarServer:
                 lease.release()
             return
         owner_id = peer.id
-        if self.hosted.pop(owner_id, None) is hosted:
+        if self.hosted.pop(owner_id, None) is hosted and hosted.opened:
             self.counters["sessions_closed_total"] += 1
             # the session's counters stay in the server's totals after it ends (counters never go back)
             for key, value in session_totals(snap).items():
@@ -169,6 +170,7 @@ class AvatarServer:
             else:
                 slot.release()
             raise
+        hosted.opened = True
         self.counters["sessions_opened_total"] += 1
         logger.info(
             "session %s opened (%s): watch it with POST /whep/%s or /watch?session=%s",
