@@ -51,7 +51,7 @@ class IceServer:
         """``stun:host:port`` or ``turn:USER:PASSWORD@host:port?transport=udp`` (credentials before the last @)."""
         scheme, sep, rest = text.partition(":")
         if not sep:
-            raise ConfigError(f"ICE server {text!r} is not a stun:/turn: URL")
+            raise ConfigError(f"ICE server {text!r} is not a stun:/turn:/turns: URL")
         userinfo, at, address = rest.rpartition("@")
         if not at:
             return cls(text)
