@@ -71,6 +71,8 @@ async def test_whip_publisher_gets_recvonly_answer_location_etag_and_a_watch_lin
         # RFC 9725 section 4.2: the endpoint answers a sendonly publisher recvonly; it sends nothing back
         assert directions(answer) == {"audio": "recvonly", "video": "recvonly"}
         assert "a=setup:actpass" not in answer and "a=ice-ufrag:" in answer and "a=fingerprint:" in answer
+        # the server does not trickle: every candidate of its own is in the answer, and it says so
+        assert "a=candidate:" in answer and "a=end-of-candidates" in answer and "typ srflx" not in answer
         session_id = headers["Location"].rsplit("/", 1)[1]
         assert f'</whep/{session_id}>; rel="whep"' in links(headers)
         assert not [link for link in links(headers) if "ice-server" in link], "no ICE servers unless configured"
