@@ -11,8 +11,9 @@ soak the clients leave and one new session streams for ``--after-s`` seconds.
 
 Verdicts (``results.checks``): frames delivered >= 98 % of N x fps x duration, no 10-s window under 20 fps, RSS
 growth < 5 % from the end of the first minute (warm-up: buffers and caches fill) to the end, and the new session
-at >= 23 fps. The 1-minute load average is sampled all along: on a shared machine it is part of the result.
-JSON goes to ``benchmarks/results/soak_<device>.json``.
+at >= 23 fps. Frames delivered count what the clients decoded, repeats included; ``fresh_fps_per_session`` says
+how many of them were new pictures (the renderer's own rate). The 1-minute load average is sampled all along: on a
+shared machine it is part of the result. JSON goes to ``benchmarks/results/soak_cpu.json``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             start = time.monotonic()
             frames0 = [c.report.video_frames for c in clients]
             last = list(frames0)
+            last_rendered = parse_metrics(await fetch_metrics(http, url))[0].get("avatar_frames_rendered_total", 0.0)
             end = start + args.minutes * 60.0
             while time.monotonic() < end:
                 await asyncio.sleep(min(WINDOW_S, max(0.0, end - time.monotonic())))
@@ -150,6 +152,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 elapsed_w = WINDOW_S if not windows else time.monotonic() - windows[-1]["_t"]
                 totals, labelled = parse_metrics(await fetch_metrics(http, url))
                 latency = list(labelled.get("avatar_latency_ms", {}).values())
+                # fresh pictures (the rest of the frames sent repeat the last one: the renderer was late)
+                rendered = totals.get("avatar_frames_rendered_total", 0.0)
+                fresh = (rendered - last_rendered) / elapsed_w / args.sessions
+                last_rendered = rendered
                 load = load_average() or 0.0
                 loads.append(load)
                 windows.append(
@@ -157,6 +163,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                         "t_s": round(time.monotonic() - start, 1),
                         "_t": time.monotonic(),
                         "fps": [round((n - p) / elapsed_w, 2) for n, p in zip(now, last, strict=True)],
+                        "fresh_fps_per_session": round(fresh, 2),
                         "rss_mb": round(rss_mb(proc.pid), 1),
                         "latency_ms": [round(v, 1) for v in latency],
                         "load_1min": load,
@@ -164,7 +171,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
                 last = now
-                print(f"{windows[-1]['t_s']:7.1f} s  fps {windows[-1]['fps']}  RSS {windows[-1]['rss_mb']} MB  "
+                print(f"{windows[-1]['t_s']:7.1f} s  fps {windows[-1]['fps']} (fresh {fresh:.1f})  "
+                      f"RSS {windows[-1]['rss_mb']} MB  "
                       f"latency {windows[-1]['latency_ms']} ms  load {load}", flush=True)  # fmt: skip
             duration = time.monotonic() - start
             delivered = [c.report.video_frames - f0 for c, f0 in zip(clients, frames0, strict=True)]
@@ -210,6 +218,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "frames_expected": round(expected),
         "delivered_share": round(sum(delivered) / expected, 4),
         "min_window_fps": min(window_fps, default=0.0),
+        "fresh_fps_per_session_mean": round(float(np.mean([w["fresh_fps_per_session"] for w in windows])), 2),
         "rss_mb": {"first": windows[0]["rss_mb"], "after_1_min": warm["rss_mb"], "end": windows[-1]["rss_mb"]},
         "rss_growth_after_warmup": round(rss_growth, 4),
         "latency_p50_ms_histogram": p50,
