@@ -47,6 +47,7 @@ TRANSPORT: dict[str, tuple[str, str]] = {
     "audio_late_samples": ("audio_late_samples_total", "counter"),
     "mic_frames": ("mic_frames_total", "counter"),
     "clock_resyncs": ("clock_resyncs_total", "counter"),
+    "viewers": ("session_viewers", "gauge"),  # WHEP viewers beside the peer that opened the session
 }
 
 

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import av
 import numpy as np
@@ -22,7 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.audio.pcm import SAMPLE_RATE
 from streaming.api import LiveSession
-from streaming.frames import OutputAudio
+from streaming.frames import OutputAudio, VideoFrame
 from streaming.pacing import SessionClock
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,15 @@ AUDIO_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms at 16 kHz; aiortc's Opus encode
 AUDIO_ANCHOR_WAIT_S = 2.0  # audio waits this long for the first video frame before starting the clock alone
 MAX_AUDIO_BUFFER_S = 30.0  # output audio held ahead of the clock; beyond it the oldest is dropped
 SESSION_WAIT_S = 0.005  # next_video() took longer than this: the frame was not ready, the session is the slow one
+
+
+class MediaSource(Protocol):
+    """What the tracks read: a live session itself, or one subscriber of its fan-out (streaming.transports.webrtc
+    .fanout), which hands every viewer the frames the session rendered once."""
+
+    async def next_video(self) -> VideoFrame | None: ...
+
+    async def next_audio(self) -> OutputAudio | None: ...
 
 
 @dataclass
@@ -75,7 +85,7 @@ class SessionVideoTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, session: LiveSession, clock: SessionClock, stats: TrackStats, max_lag_s: float) -> None:
+    def __init__(self, session: MediaSource, clock: SessionClock, stats: TrackStats, max_lag_s: float) -> None:
         super().__init__()
         self._session = session
         self._clock = clock
@@ -118,7 +128,7 @@ class SessionAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, session: LiveSession, clock: SessionClock, stats: TrackStats) -> None:
+    def __init__(self, session: MediaSource, clock: SessionClock, stats: TrackStats) -> None:
         super().__init__()
         self._session = session
         self._clock = clock
