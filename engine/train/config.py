@@ -72,6 +72,7 @@ class TrainConfig:
     ema: float = 0.999  # decay of the exponential moving average of the weights (0: off); exported when on
     precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, else fp32
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads per process (0: torch's default); small heads train fastest on 1
     seed: int = 0
     val_every: int = 100
     val_batches: int = 4
@@ -91,6 +92,8 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         for name in ("val_every", "val_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -254,9 +254,13 @@ def train(
         backend = "nccl" if config.device != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         own_group = True
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
         return _train(task, config, out, env, resume, stop_after, progress)
     finally:
+        torch.set_num_threads(threads)
         if own_group:
             dist.destroy_process_group()
 
