@@ -178,7 +178,9 @@ def _save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    # clones: some models share a buffer under several names (LMDM's rotary frequencies), which safetensors refuses
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
     if ema is not None:
         save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(ema)}, str(tmp / "ema.safetensors"))
     tensors, meta = _optim_tensors(opt)
