@@ -7,6 +7,7 @@ planted lip scale and head-motion style.
 
 The lip amplitude is planted through the classic stage's ``lip_scale`` control when the stage honours it, else
 through ``ClassicMotionConfig.jaw_gain`` (the jaw's travel, which is what the lip scale scales).
+:func:`lip_amplitude` and :func:`head_style` measure what a learned personal generator reproduces of it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ import cv2
 import numpy as np
 import torch
 
+from engine.audio.features import LogMelFeatures, log_mel_offline
 from engine.audio.pcm import SAMPLE_RATE, resample
 from engine.avatar.record import Avatar
+from engine.keypoints import keypoints_from_params
 from engine.media import Mp4Writer
 from engine.motion.classic import ClassicFeatures, ClassicMotion, ClassicMotionConfig
 from engine.motion.control_schema import ControlState
+from engine.motion.personal import PersonalMotion
+from engine.motion.personal_model import PersonalModel
 from engine.render.classic import ClassicRenderer, face_size
+from engine.train.tracking import fit_similarity
 
 DEFAULT_JAW_GAIN = ClassicMotionConfig().jaw_gain
 PHRASES = (
@@ -46,15 +52,23 @@ class PlantedStyle:
     lip_scale: float = 1.0  # x the classic jaw travel
     head_motion: float = 1.0  # x the classic idle head sway
     seed: int = 0  # the sway's phases and the blinks
+    emotion: str = "neutral"  # classic mode's expression offsets (engine.motion.classic.EMOTIONS)
+    intensity: float = 1.0
 
     def motion(self, face: float, fps: int = 25) -> ClassicMotion:
         has_control = "lip_scale" in ClassicMotion.CONTROLS
         gain = DEFAULT_JAW_GAIN if has_control else DEFAULT_JAW_GAIN * self.lip_scale
         motion = ClassicMotion(
-            ClassicMotionConfig(fps=fps, jaw_gain=gain, head_motion=self.head_motion, seed=self.seed), face_size=face
+            # the expression is there from the first frame (no ramp in from neutral)
+            ClassicMotionConfig(
+                fps=fps, jaw_gain=gain, head_motion=self.head_motion, seed=self.seed, emotion_ramp_frames=1
+            ),
+            face_size=face,
         )
+        state = dataclasses.replace(ControlState(), emotion=self.emotion, intensity=self.intensity)
         if has_control:  # the classic stage's own control, once it has one
-            motion.apply_controls(dataclasses.replace(ControlState(), lip_scale=self.lip_scale))
+            state = dataclasses.replace(state, lip_scale=self.lip_scale)
+        motion.apply_controls(state)
         return motion
 
 
@@ -123,3 +137,47 @@ def write_clip(out: str | Path, frames: np.ndarray, audio: np.ndarray, fps: int 
 def render_clip(out: str | Path, avatar: Avatar, audio: np.ndarray, style: PlantedStyle, size: int = 256) -> Path:
     """Render and write one planted clip (mp4, H.264 + AAC)."""
     return write_clip(out, render_frames(avatar, audio, style, size), audio)
+
+
+# --- what a learned generator reproduces of a planted style ------------------------------------------------------
+
+LOWER_FACE = (17, 19, 20)  # the LIP keypoints speech moves most: the lip amplitude is measured on them
+HEAD_KEYPOINTS = (0, 3, 4, 5, 9)  # forehead, nose tip, cheeks, nose bridge: the head, not the mouth
+
+
+def lip_amplitude(model: PersonalModel, avatar: Avatar, audio: np.ndarray) -> float:
+    """Regression slope of the personal generator's lower-face lip offsets on the default classic generator's
+    (the same audio, head motion off): 1.6 for a person whose lips move 1.6x as far as classic mode's."""
+    source = ClassicRenderer().prepare(avatar).source
+    fs = face_size(source)
+    stage = PersonalMotion(model, source, LogMelFeatures().silence(), unit=fs)
+    stage.apply_controls(dataclasses.replace(ControlState(), head_pose="fixed", ramp_s=0.0, blink=False))
+    ours = stage.push(log_mel_offline(audio)) + stage.flush()
+    classic = ClassicMotion(ClassicMotionConfig(head_motion=0.0), face_size=fs)
+    features = ClassicFeatures()
+    ref = classic.push(np.concatenate([features.push(audio), features.flush()])) + classic.flush()
+    n = min(len(ours), len(ref))
+    base = source.params.exp[0]
+    p = np.stack([(f.params.exp[0] - base)[list(LOWER_FACE), 1].numpy() for f in ours[:n]]).ravel()
+    c = np.stack([(f.params.exp[0] - base)[list(LOWER_FACE), 1].numpy() for f in ref[:n]]).ravel()
+    p, c = p - p.mean(), c - c.mean()
+    return float(p @ c / (c @ c))
+
+
+def head_style(model: PersonalModel, avatar: Avatar, frames: int) -> np.ndarray:
+    """Standard deviations ``[roll (degrees), tx, ty (eye distances)]`` of the generated head motion over
+    ``frames`` (a similarity fit of the head keypoints to the first frame's)."""
+    source = ClassicRenderer().prepare(avatar).source
+    fs = face_size(source)
+    stage = PersonalMotion(model, source, LogMelFeatures().silence(), unit=fs)
+    stage.apply_controls(dataclasses.replace(ControlState(), blink=False))
+    audio = np.concatenate([speech(p) for p in PHRASES])
+    rows = log_mel_offline(audio)
+    rows = np.tile(rows, (frames // len(rows) + 1, 1))[:frames]
+    out = stage.push(rows) + stage.flush()
+    kp = torch.cat([keypoints_from_params(source.kp_canonical[None], f.params) for f in out])[:, :, :2].numpy()
+    idx = list(HEAD_KEYPOINTS)
+    sims = [fit_similarity(kp[0, idx], k[idx]) for k in kp]
+    roll = np.degrees([s[1] for s in sims])
+    shift = np.array([s[2] for s in sims]) / fs
+    return np.array([roll.std(), shift[:, 0].std(), shift[:, 1].std()])

@@ -15,40 +15,33 @@ against the clips' 0.95 deg, 0.026, 0.023; the untrained model: slope 12.3, head
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.audio.features import LogMelFeatures, log_mel_offline
+from engine.audio.features import log_mel_offline
 from engine.avatar.face import haar_cascade_path
 from engine.avatar.prepare import prepare_avatar
 from engine.avatar.record import Avatar
 from engine.avatar.store import AvatarStore
-from engine.keypoints import keypoints_from_params
 from engine.motion.classic import ClassicFeatures, ClassicMotion, ClassicMotionConfig
-from engine.motion.control_schema import ControlState
-from engine.motion.personal import PersonalMotion, canonical_keypoints
+from engine.motion.personal import canonical_keypoints
 from engine.motion.personal_model import PersonalConfig, PersonalModel, untrained_model
 from engine.render.classic import ClassicRenderer, face_size
 from engine.train.personalize import FitConfig, fit_personal
 from engine.train.samples import ClipData
-from engine.train.tracking import fit_similarity
 from engine.train.video import iter_frames
 from streaming.cli import main
-from streaming.measure.planted import PHRASES, PlantedStyle, render_clip, speech
+from streaming.measure.planted import PHRASES, PlantedStyle, head_style, lip_amplitude, render_clip, speech
 from streaming.measure.sync import audio_envelope, estimate_offset, mouth_box, mouth_opening
 from streaming.pipelines import PipelineError, RuntimeConfig
 from streaming.runtime import Runtime
 from streaming.transports.offline import render_to_file
 
 pytestmark = pytest.mark.skipif(haar_cascade_path() is None, reason="installed OpenCV ships no Haar cascades")
-LOWER_FACE = (17, 19, 20)  # the LIP keypoints speech moves most: the lip amplitude is measured on them
 
 
 @pytest.fixture
@@ -71,24 +64,6 @@ def classic_clip(avatar: Avatar, audio: np.ndarray, config: ClassicMotionConfig,
     expr = np.stack([geometry + np.pad(f.params.exp[0, :, :2].numpy() / fs, ((0, 0), (0, 1))) for f in frames[:n]])
     return ClipData(clip_id, rows[:n], np.ones(n, bool), expr.astype(np.float32), np.zeros_like(expr),
                     np.tile([0, 0, 0, 0, 0, 0, 1.0], (n, 1)).astype(np.float32), geometry)  # fmt: skip
-
-
-def lip_slope(model: PersonalModel, avatar: Avatar, audio: np.ndarray) -> float:
-    """Regression slope of the model's lower-face lip offsets on the default classic generator's (same audio)."""
-    source = ClassicRenderer().prepare(avatar).source
-    fs = face_size(source)
-    stage = PersonalMotion(model, source, LogMelFeatures().silence(), unit=fs)
-    stage.apply_controls(dataclasses.replace(ControlState(), head_pose="fixed", ramp_s=0.0, blink=False))
-    ours = stage.push(log_mel_offline(audio)) + stage.flush()
-    classic = ClassicMotion(ClassicMotionConfig(head_motion=0.0), face_size=fs)
-    features = ClassicFeatures()
-    ref = classic.push(np.concatenate([features.push(audio), features.flush()])) + classic.flush()
-    n = min(len(ours), len(ref))
-    base = source.params.exp[0]
-    p = np.stack([(f.params.exp[0] - base)[list(LOWER_FACE), 1].numpy() for f in ours[:n]]).ravel()
-    c = np.stack([(f.params.exp[0] - base)[list(LOWER_FACE), 1].numpy() for f in ref[:n]]).ravel()
-    p, c = p - p.mean(), c - c.mean()
-    return float(p @ c / (c @ c))
 
 
 def test_runtime_drives_a_personalized_avatar(astronaut: Avatar, tmp_path: Path) -> None:
@@ -117,23 +92,6 @@ def test_runtime_drives_a_personalized_avatar(astronaut: Avatar, tmp_path: Path)
     assert opening.max() - opening.min() > 0.05  # the mouth visibly opens (darkness of the mouth box)
 
 
-def head_stats(model: PersonalModel, avatar: Avatar, frames: int) -> np.ndarray:
-    """std of roll (degrees), tx, ty (eye distances) of the generated head motion over ``frames``."""
-    source = ClassicRenderer().prepare(avatar).source
-    fs = face_size(source)
-    stage = PersonalMotion(model, source, LogMelFeatures().silence(), unit=fs)
-    stage.apply_controls(dataclasses.replace(ControlState(), blink=False))
-    audio = np.concatenate([speech(PHRASES[k]) for k in range(len(PHRASES))])
-    rows = np.tile(log_mel_offline(audio), (math.ceil(frames / 100), 1))[:frames]
-    out = stage.push(rows) + stage.flush()
-    kp = torch.cat([keypoints_from_params(source.kp_canonical[None], f.params) for f in out])[:, :, :2].numpy()
-    stable = [0, 3, 4, 5, 9]  # forehead, nose, cheeks, bridge: the head, not the mouth
-    sims = [fit_similarity(kp[0, stable], k[stable]) for k in kp]
-    roll = np.degrees([s[1] for s in sims])
-    shift = np.array([s[2] for s in sims]) / fs
-    return np.array([roll.std(), shift[:, 0].std(), shift[:, 1].std()])
-
-
 @pytest.mark.slow
 def test_personalize_recovers_planted_style(astronaut: Avatar, tmp_path: Path) -> None:
     paths = []
@@ -145,16 +103,16 @@ def test_personalize_recovers_planted_style(astronaut: Avatar, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     model = PersonalModel.load(AvatarStore().personal_dir("astro", "mesh"))
     held_out = speech(PHRASES[4])
-    slope = lip_slope(model, astronaut, held_out)
+    slope = lip_amplitude(model, astronaut, held_out)
     assert abs(slope - 1.6) < 0.15 * 1.6, slope
     # head style: the generated motion has the clips' own pose statistics (deviations from each clip's mean)
     track = model.reference_pose  # [N, 7] what the IMDP replays: the clips' smoothed deviations
     clips_std = np.array([track[:, 2].std(), track[:, 3].std(), track[:, 4].std()])
-    ours = head_stats(model, astronaut, len(track))
+    ours = head_style(model, astronaut, len(track))
     assert np.all(np.abs(ours / clips_std - 1) < 0.25), (ours, clips_std)
     # an untrained model (seeded random heads, random pose features) misses both
     untrained = untrained_model(PersonalConfig())
-    bad_slope = lip_slope(untrained, astronaut, held_out)
-    bad_head = head_stats(untrained, astronaut, len(track))
+    bad_slope = lip_amplitude(untrained, astronaut, held_out)
+    bad_head = head_style(untrained, astronaut, len(track))
     assert abs(bad_slope - 1.6) >= 0.15 * 1.6, bad_slope
     assert not np.all(np.abs(bad_head / clips_std - 1) < 0.25), (bad_head, clips_std)
