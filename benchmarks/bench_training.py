@@ -160,6 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     env = environment()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-training-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("AVATAR_ENGINE_HOME", str(work / "home"))
     photos = _photos(work)
     avatars = {name: AvatarStore().add(prepare_avatar(path, name)) for name, path in photos.items()}

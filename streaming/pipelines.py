@@ -261,6 +261,10 @@ def load_personal_model(prepared: PreparedAvatar, renderer_name: str) -> Persona
     avatar = prepared.avatar
     space = PERSONAL_SPACES[renderer_name]
     how = f"make one with 'engine personalize CLIP --avatar {avatar.name}'"
+    if avatar.name == "default":  # the drawn portrait is nobody: personalize a stored photo of the person
+        how = (
+            "add the person's photo (engine avatar add PHOTO --name NAME), then 'engine personalize CLIP --avatar NAME'"
+        )
     store = AvatarStore()
     try:
         stored = store.info(avatar.name).content_hash == avatar.content_hash
