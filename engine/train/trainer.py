@@ -279,6 +279,8 @@ def _train(
     if config.batch % env.world:
         raise TrainError(f"the global batch {config.batch} must divide evenly over {env.world} processes")
     device = pick_device(config, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     amp = autocast_dtype(config, device)
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
