@@ -1,6 +1,6 @@
 """Classic (warp-only) renderer throughput at 512x512 on CPU threads -> benchmarks/results/classic_cpu.json.
 
-    python benchmarks/bench_classic.py [--threads 2] [--batch 1] [--frames 100] [--flow-size 128]
+    python benchmarks/bench_classic.py [--threads 2] [--batch 1] [--frames 100] [--flow-size 64]
 
 Times drive + render per frame (motion excluded: it is a few hundred scalar ops) after a warm-up.
 """
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=100)
-    parser.add_argument("--flow-size", type=int, default=128)
+    parser.add_argument("--flow-size", type=int, default=64)  # the renderer's default
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "classic_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -190,10 +190,23 @@ class RenderJob:
     deadline: float  # clock time the frame must be ready by (inf offline)
 
 
-def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[B, 3, S, S]`` in [0, 1] -> ``[B, S, S, 3]`` uint8."""
+def to_rgb_uint8(images: torch.Tensor, staging: dict[tuple[int, ...], torch.Tensor] | None = None) -> np.ndarray:
+    """``[B, 3, S, S]`` in [0, 1] -> ``[B, S, S, 3]`` uint8 on the host.
+
+    On a GPU the conversion happens there (a quarter of the bytes cross the bus) and the copy goes through a
+    pinned ``staging`` buffer (kept by the caller, one per shape): a pageable copy would be staged by the driver
+    anyway, at half the speed. The result is copied out of the staging buffer, which the next batch reuses.
+    """
     x = (images.detach().float().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    x = x.permute(0, 2, 3, 1).contiguous()
+    if not x.is_cuda or staging is None:
+        return x.cpu().numpy()
+    pinned = staging.get(tuple(x.shape))
+    if pinned is None:
+        pinned = staging[tuple(x.shape)] = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+    pinned.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return pinned.numpy().copy()
 
 
 Deliver = Callable[[RenderJob, np.ndarray, float], None]  # (job, rgb [S, S, 3], clock time) -> None
@@ -312,6 +325,7 @@ class BatchRenderer:
         self.frames = 0
         self.late = 0  # frames rendered although the model said they would miss their deadline
         self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self._staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers of GPU frames
         self.call_times: deque[float] = deque(maxlen=1000)
 
     def register(
@@ -397,7 +411,7 @@ class BatchRenderer:
 
     def _render(self, prepared: Sequence[PreparedAvatar], kp: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return to_rgb_uint8(self.renderer.render(prepared, kp))  # [B, S, S, 3]
+            return to_rgb_uint8(self.renderer.render(prepared, kp), self._staging)  # [B, S, S, 3]
 
     async def _run(self) -> None:
         next_tick = self.clock.now()

@@ -217,7 +217,10 @@ def _build_classic_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[St
     fps = config.session.fps
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
-        motion = ClassicMotion(ClassicMotionConfig(fps=fps), face_size=face_size(prepared.source))
+        # the source face lets pure_emotion = false see the portrait's own expression
+        motion = ClassicMotion(
+            ClassicMotionConfig(fps=fps), face_size=face_size(prepared.source), source=prepared.source
+        )
         return ClassicFeatures(fps), motion
 
     return stages, False

@@ -7,9 +7,9 @@
   :class:`MouthMotion` (a ``MotionStage`` that takes controls), :class:`PatternRenderer` (a ``Renderer`` with a
   configurable cost on a simulated clock) and :func:`tiny_avatar`;
 * :func:`eager_renderer`: the neural renderer of some networks as the runtime builds it on a CPU;
-* :func:`run_step`: feed frames through one stage step (``process(frame, stale, generation)``) without an event
-  loop and collect what it emits; :func:`burst_signal`: a test signal whose loud/quiet edges make offsets
-  measurable.
+* :func:`drain`: a session's whole output; :func:`run_step`: feed frames through one stage step
+  (``process(frame, stale, generation)``) without an event loop and collect what it emits;
+  :func:`burst_signal`: a test signal whose loud/quiet edges make offsets measurable.
 
 These are real implementations of the protocols, not mocks of the code under test.
 """
@@ -41,6 +41,25 @@ from streaming.clock import Clock, frame_bound
 from streaming.frames import OutputAudio, VideoFrame
 
 Frame = Any
+
+
+async def drain(session: LiveSession) -> tuple[list[VideoFrame], list[OutputAudio]]:
+    """Everything a session puts out until its end (both outputs read together: offline, an unread one holds
+    the other back)."""
+
+    async def video() -> list[VideoFrame]:
+        return [f async for f in _until_none(session.next_video)]
+
+    async def audio() -> list[OutputAudio]:
+        return [a async for a in _until_none(session.next_audio)]
+
+    frames, chunks = await asyncio.gather(video(), audio())
+    return frames, chunks
+
+
+async def _until_none(next_item: Callable[[], Any]) -> Any:
+    while (item := await next_item()) is not None:
+        yield item
 
 
 def run_step(

@@ -9,47 +9,40 @@
 
 Row ``i`` covers exactly audio ``[i * 640, (i + 1) * 640)``, so the jaw is not delayed by any analysis window.
 :class:`ClassicMotion` turns rows into :class:`MotionFrame` s. Expression offsets are in units of the avatar's
-inter-ocular distance (``face_size``) and touch only LIP (speech), EYE (blinks) and EMOTION (controls).
+inter-ocular distance (``face_size``): speech moves the LIP keypoints, blinks and gaze the lids (``EYE``), and
+emotions are facial action units (``engine.motion.facs``) on every keypoint but the rigid anchors the classic
+renderer fits the head pose to. Live controls: :meth:`ClassicMotion.apply_controls` (``docs/controls-classic.md``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
 from engine.audio.pcm import SAMPLE_RATE
-from engine.keypoints import NUM_KP, MotionParams
+from engine.keypoints import NUM_KP, MotionParams, SourceFace
+from engine.motion import facs
 from engine.motion.base import MotionFrame
-from engine.motion.control_schema import ControlState
+from engine.motion.control_schema import EMOTION_SOURCES, HEAD_POSE_MODES, ControlState, ControlValueError
+from engine.motion.emotion import EMOTIONS as EMOTION_NAMES
+from engine.render.classic_mesh import LID_REF_GAP
 
 DIM = 4
 DEFAULT_FACE_SIZE = 0.502  # inter-ocular distance of the default avatar (normalised units)
 
-# Emotion offsets per keypoint (dx, dy) in inter-ocular units, at intensity 1. Keys are EMOTION keypoints only.
+# Emotion offsets per keypoint (dx, dy) in inter-ocular units at intensity 1, built from the emotions' action
+# units (engine.motion.facs). Kept as a table for callers that only need the names or the resting offsets.
 EMOTIONS: dict[str, dict[int, tuple[float, float]]] = {
-    "neutral": {},
-    "happy": {6: (-0.07, -0.07), 12: (0.07, -0.07), 13: (0.0, -0.025), 16: (0.0, -0.025), 14: (0.0, -0.01),
-              17: (0.0, 0.02), 1: (0.0, -0.02), 2: (0.0, -0.02)},
-    "sad": {6: (0.01, 0.05), 12: (-0.01, 0.05), 18: (0.0, -0.06), 1: (0.02, 0.0), 2: (-0.02, 0.0),
-            17: (0.0, -0.015)},
-    "angry": {1: (0.03, 0.06), 2: (-0.03, 0.06), 18: (0.0, 0.07), 13: (0.0, -0.02), 16: (0.0, -0.02),
-              6: (0.02, 0.0), 12: (-0.02, 0.0), 14: (0.0, 0.01), 17: (0.0, -0.01)},
-    "surprised": {1: (0.0, -0.1), 2: (0.0, -0.1), 18: (0.0, -0.07), 17: (0.0, 0.12), 19: (0.0, 0.1),
-                  20: (0.0, 0.11), 6: (0.025, 0.03), 12: (-0.025, 0.03)},
-    "disgusted": {14: (0.0, -0.04), 6: (0.0, 0.02), 12: (0.0, 0.02), 18: (0.0, 0.05), 1: (0.01, 0.04),
-                  2: (-0.01, 0.04), 13: (0.0, -0.02), 16: (0.0, -0.02)},
-    # fear: brows raised and drawn together, lower lids dropped (eyes widen), lips stretched sideways
-    "fear": {1: (0.015, -0.07), 2: (-0.015, -0.07), 18: (0.0, -0.05), 13: (0.0, 0.015), 16: (0.0, 0.015),
-             6: (-0.035, 0.02), 12: (0.035, 0.02), 17: (0.0, 0.03)},
-    # contempt: the one-sided smirk (one mouth corner up and out), the other side and the brows stay
-    "contempt": {12: (0.04, -0.05), 14: (0.01, -0.01), 17: (0.005, 0.0)},
-}  # fmt: skip
+    name: {k: (float(dx), float(dy)) for k, (dx, dy) in enumerate(facs.offsets(facs.emotion_vector(name))) if dx or dy}
+    for name in EMOTION_NAMES
+}
 
 
 class ClassicFeatures:
@@ -114,13 +107,47 @@ class ClassicMotionConfig:
     attack: float = 0.75  # one-pole smoothing towards a louder target (per frame)
     release: float = 0.45  # ... towards a quieter one
     anticipation: float = 0.5  # share of the next frame's loudness shown one frame early
-    blink_every_s: float = 3.5  # mean interval between blinks
+    blink_every_s: float = 3.5  # mean interval between blinks at start (the blink_rate control changes it)
     head_motion: float = 1.0  # scale of the idle head sway
-    emotion_ramp_frames: int = 10
+    emotion_ramp_frames: int = 10  # ramp of set_emotion (apply_controls ramps over the state's ramp_s)
+    gaze_amplitude: float = 0.025  # std of the horizontal gaze targets, inter-ocular units
+    gaze_hold_s: tuple[float, float] = (0.8, 2.5)  # fixation durations between saccades
+    agc_release_s: float = 1.5  # loudness_lips off: how fast the speech-level follower forgets a loud peak
 
     def __post_init__(self) -> None:
         if self.fps <= 0 or self.lookahead_frames < 0 or not 0 < self.attack <= 1 or not 0 < self.release <= 1:
             raise ValueError(f"invalid classic motion config: {self}")
+        if self.blink_every_s <= 0 or self.gaze_amplitude < 0 or not 0 < self.gaze_hold_s[0] <= self.gaze_hold_s[1]:
+            raise ValueError(f"invalid classic motion config: {self}")
+
+
+class _Effective(NamedTuple):
+    """What the controls set, as numbers that ramp linearly (a change mid-ramp starts where the ramp is)."""
+
+    aus: np.ndarray  # [n_au] action unit weights (intensity included)
+    absolute: float  # 1 when pure_emotion is off: the portrait's own lower-face expression is undone first
+    lip_scale: float
+    loud_weight: float  # 1: lips follow the loudness, 0: a level-normalised envelope (fixed gain)
+    blink: float
+    gaze: float
+    head: float  # 1: idle sway, 0: fixed head
+
+
+def _blend(a: _Effective, b: _Effective, r: float) -> _Effective:
+    def mix(x: Any, y: Any) -> Any:
+        return x * (1 - r) + y * r
+
+    return _Effective(*(mix(x, y) for x, y in zip(a, b, strict=True)))
+
+
+def _smoothstep(x: float) -> float:
+    x = min(max(x, 0.0), 1.0)
+    return x * x * (3 - 2 * x)
+
+
+BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.07, 0.03, 0.14  # a blink: fast close, short hold, slower opening
+BLINK_DEPTH = 1.05 * LID_REF_GAP  # upper-lid travel at full closure: a little past the lower lid (clamped there)
+MIN_BLINK_GAP_S = 0.35
 
 
 class ClassicMotion:
@@ -128,32 +155,121 @@ class ClassicMotion:
 
     Deterministic for a seed. Frame indices follow pushed rows; :meth:`interrupt` drops unemitted rows (their
     indices are skipped, the session clock has moved on) and the jaw relaxes smoothly from where it was.
+    Live controls: :meth:`apply_controls` with a :class:`~engine.motion.controls.ControlState`; the keys and
+    values classic mode honours are :attr:`HONOURED`.
     """
 
+    # control key -> the values classic mode honours (None: every valid value). Anything else is for the caller to
+    # refuse: head_pose "reference" and emotion_source "reference" need a reference clip, which classic lacks.
+    HONOURED: ClassVar[dict[str, tuple[Any, ...] | None]] = {
+        "emotion": EMOTION_NAMES,
+        "intensity": None,
+        "emotion_b": None,
+        "mix": None,
+        "mouth_emotion": None,
+        "eyes_emotion": None,
+        "pure_emotion": (True, False),  # see apply_controls
+        "emotion_source": tuple(s for s in EMOTION_SOURCES if s != "reference"),
+        "lip_scale": None,
+        "loudness_lips": (True, False),
+        "blink": (True, False),
+        "blink_rate": None,
+        "gaze": (True, False),
+        "head_pose": tuple(m for m in HEAD_POSE_MODES if m != "reference"),
+        "ramp_s": None,
+    }
+
+    # what each honoured control does here (the session refuses the others; /health and the CLI list these)
     CONTROLS: ClassVar[Mapping[str, str]] = MappingProxyType(
         {
-            "emotion": "expression offsets of the emotion on brows, lids and mouth",
-            "intensity": "scales the emotion's offsets",
+            "emotion": "facial action units of the emotion (brows, lids, cheeks, nose, lips, jaw)",
+            "intensity": "scales the action units (0..1.5)",
+            "emotion_b": "second emotion: action-unit weights interpolated by mix",
+            "mix": "0: emotion only .. 1: emotion_b only",
+            "mouth_emotion": "lower-face action units (nose, lips, jaw) from this emotion",
+            "eyes_emotion": "upper-face action units (brows, lids, cheek raise) from this emotion",
+            "pure_emotion": "true: add to the portrait's own expression; false: undo its smile / parted lips first",
+            "emotion_source": "label only (a reference clip is neural mode's)",
+            "lip_scale": "scales the speech motion of lips and jaw",
+            "loudness_lips": "true: the jaw follows loudness; false: a level-normalised envelope",
+            "blink": "seeded blinks on or off",
+            "blink_rate": "blinks per second (0: none); the pending blink is re-drawn at once",
+            "gaze": "seeded horizontal saccades of the eyeballs",
+            "head_pose": "diffusion: idle head sway; fixed: still head (reference needs a clip: refused)",
+            "ramp_s": "every change ramps linearly over this many seconds",
         }
     )
 
-    def __init__(self, config: ClassicMotionConfig | None = None, face_size: float = DEFAULT_FACE_SIZE) -> None:
+    def __init__(
+        self,
+        config: ClassicMotionConfig | None = None,
+        face_size: float = DEFAULT_FACE_SIZE,
+        source: SourceFace | None = None,
+    ) -> None:
+        """``face_size``: the avatar's inter-ocular distance (normalised units); ``source``: its classic source
+        face, from which ``pure_emotion = false`` estimates the portrait's own expression (without it, that
+        setting changes nothing)."""
         self.config = config or ClassicMotionConfig()
-        self.lookahead_frames = self.config.lookahead_frames
+        cfg = self.config
+        self.lookahead_frames = cfg.lookahead_frames
         self.face_size = float(face_size)
+        self._rest = facs.rest_offsets(source.kp_source.numpy()) if source is not None else np.zeros((NUM_KP, 2))
         self._rows = np.zeros((0, DIM), dtype=np.float32)
         self._next = 0  # index of the first buffered row
         self._jaw = 0.0
         self._width = 0.0
-        self._rng = np.random.default_rng(self.config.seed)
-        self._next_blink = self._blink_gap()
-        phases = self._rng.uniform(0, 2 * math.pi, size=6)
-        self._phases = phases
-        self._emotion = np.zeros((NUM_KP, 2))
-        self._emotion_target = np.zeros((NUM_KP, 2))
-        self._emotion_step = np.zeros((NUM_KP, 2))
+        self._peak = 0.0  # speech-level follower (loudness_lips off)
+        # separate seeded streams, so a change of one schedule does not shift the others
+        self._phases = np.random.default_rng([cfg.seed, 0]).uniform(0, 2 * math.pi, size=6)
+        self._blink_rng = np.random.default_rng([cfg.seed, 1])
+        self._gaze_rng = np.random.default_rng([cfg.seed, 2])
+        self._state = ControlState(blink_rate=min(2.0, 1.0 / cfg.blink_every_s))
+        target = self._effective(self._state)
+        self._from, self._to, self._ramp_pos, self._ramp_len = target, target, 0, 0
+        self._blink_start = -(10**9)
+        self._next_blink = self._draw_blink(0)
+        self._gaze_from = self._gaze_to = 0.0
+        self._gaze_change = 0
+        self._next_gaze = self._draw_gaze_hold(0)
 
     # --- controls ---
+
+    @property
+    def state(self) -> ControlState:
+        return self._state
+
+    def apply_controls(self, state: ControlState, ramp_frames: int | None = None) -> None:
+        """Make ``state`` the live control state (call it on the thread that pushes features).
+
+        Every effective value (action-unit weights, lip gain, blink and gaze weights, head sway) ramps linearly
+        from where it is over ``state.ramp_s`` (or ``ramp_frames``). A changed ``blink_rate`` re-draws the
+        pending blink from now (rate 0: no more blinks; a blink under way finishes). ``pure_emotion`` (default
+        true): classic offsets are displacements from the portrait's own face, which plays the part of neutral, so
+        they are already "what the emotion adds"; false makes them absolute: the portrait's own smile and parted
+        lips (estimated from its landmarks, see :func:`engine.motion.facs.rest_offsets`) are undone first, so
+        "neutral" relaxes a smiling photo. Values outside :attr:`HONOURED` raise
+        :class:`~engine.motion.controls.ControlValueError` and keep the previous state.
+        """
+        self.check_controls(state)
+        r = self._ramp_pos / self._ramp_len if self._ramp_len else 1.0
+        self._from = _blend(self._from, self._to, r)
+        self._to = self._effective(state)
+        self._ramp_len = ramp_frames if ramp_frames is not None else round(state.ramp_s * self.config.fps)
+        self._ramp_pos = 0
+        old_rate, self._state = self._state.blink_rate, state
+        if state.blink_rate != old_rate:
+            self._next_blink = self._draw_blink(self._next)
+
+    def check_controls(self, state: ControlState) -> None:
+        """Raise :class:`~engine.motion.control_schema.ControlValueError` for values outside :attr:`HONOURED`."""
+        if not isinstance(state, ControlState):
+            raise TypeError(f"classic controls take a ControlState, got {type(state).__name__}")
+        for key, allowed in self.HONOURED.items():
+            if allowed is not None and getattr(state, key) not in allowed:
+                raise ControlValueError(
+                    f"{key}: classic mode cannot honour {getattr(state, key)!r} (it has no reference clip); "
+                    f"use one of {list(allowed)}"
+                )
 
     def set_emotion(self, name: str, intensity: float = 1.0) -> None:
         """Ramp to ``name`` (one of :data:`EMOTIONS`) at ``intensity`` in [0, 1.5] over the configured frames."""
@@ -161,17 +277,23 @@ class ClassicMotion:
             raise ValueError(f"unknown emotion {name!r}; choose from {sorted(EMOTIONS)}")
         if not 0.0 <= intensity <= 1.5:
             raise ValueError(f"emotion intensity must be in [0, 1.5], got {intensity}")
-        target = np.zeros((NUM_KP, 2))
-        for k, (dx, dy) in EMOTIONS[name].items():
-            target[k] = (dx * intensity, dy * intensity)
-        self._emotion_target = target
-        self._emotion_step = np.abs(target - self._emotion) / max(1, self.config.emotion_ramp_frames)
+        state = dataclasses.replace(
+            self._state, emotion=name, intensity=float(intensity), emotion_b=None, mouth_emotion=None,
+            eyes_emotion=None,
+        )  # fmt: skip
+        self.apply_controls(state, ramp_frames=self.config.emotion_ramp_frames)
 
-    def check_controls(self, state: ControlState) -> None:
-        """Every value of the honoured keys is within reach (the schema's ranges are this stage's)."""
-
-    def apply_controls(self, state: ControlState) -> None:
-        self.set_emotion(state.emotion, state.intensity)
+    def _effective(self, s: ControlState) -> _Effective:
+        aus = facs.mixed_vector(s.emotion, s.intensity, s.emotion_b, s.mix, s.mouth_emotion, s.eyes_emotion)
+        return _Effective(
+            aus=aus,
+            absolute=float(not s.pure_emotion),
+            lip_scale=s.lip_scale,
+            loud_weight=float(s.loudness_lips),
+            blink=float(s.blink),
+            gaze=float(s.gaze),
+            head=float(s.head_pose == "diffusion"),
+        )
 
     # --- stage protocol ---
 
@@ -194,10 +316,50 @@ class ClassicMotion:
         self._jaw = 0.0
         self._width = 0.0
 
-    # --- internals ---
+    # --- seeded natural motion ---
 
-    def _blink_gap(self) -> int:
-        return max(8, round(self._rng.gamma(4.0, self.config.blink_every_s / 4.0) * self.config.fps))
+    def _draw_blink(self, frame: int) -> float:
+        """Start frame of the next blink after ``frame`` at the current rate (inf when the rate is 0)."""
+        rate = self._state.blink_rate
+        if rate <= 0:
+            return math.inf
+        # gamma(4): fairly regular intervals with the right mean, never closer than MIN_BLINK_GAP_S
+        gap_s = max(MIN_BLINK_GAP_S, float(self._blink_rng.gamma(4.0, 1.0 / (4.0 * rate))))
+        return frame + max(1, round(gap_s * self.config.fps))
+
+    def _blink(self, index: int) -> float:
+        """Lid closure in [0, 1] for frame ``index``: a seeded schedule at the current rate."""
+        while index >= self._next_blink:
+            self._blink_start = int(self._next_blink)
+            self._next_blink = self._draw_blink(self._blink_start)
+        t = (index - self._blink_start + 0.5) / self.config.fps
+        if t < 0 or t > BLINK_CLOSE_S + BLINK_HOLD_S + BLINK_OPEN_S:
+            return 0.0
+        if t < BLINK_CLOSE_S:
+            return _smoothstep(t / BLINK_CLOSE_S)
+        if t < BLINK_CLOSE_S + BLINK_HOLD_S:
+            return 1.0
+        return 1.0 - _smoothstep((t - BLINK_CLOSE_S - BLINK_HOLD_S) / BLINK_OPEN_S)
+
+    def _draw_gaze_hold(self, frame: int) -> int:
+        lo, hi = self.config.gaze_hold_s
+        return frame + max(1, round(float(self._gaze_rng.uniform(lo, hi)) * self.config.fps))
+
+    def _gaze(self, index: int) -> float:
+        """Horizontal gaze (inter-ocular units) for frame ``index``: fixations joined by 2-frame saccades."""
+        amp = self.config.gaze_amplitude
+        while index >= self._next_gaze:
+            self._gaze_from = self._gaze_at(self._next_gaze)
+            self._gaze_to = float(np.clip(self._gaze_rng.normal(0.0, amp), -2 * amp, 2 * amp))
+            self._gaze_change = self._next_gaze
+            self._next_gaze = self._draw_gaze_hold(self._next_gaze)
+        return self._gaze_at(index)
+
+    def _gaze_at(self, index: int) -> float:
+        r = min(1.0, max(0.0, (index - self._gaze_change + 1) / 2))
+        return self._gaze_from * (1 - r) + self._gaze_to * r
+
+    # --- per frame ---
 
     def _emit(self, count: int) -> list[MotionFrame]:
         frames = []
@@ -208,17 +370,29 @@ class ClassicMotion:
         self._next += count
         return frames
 
+    def _jaw_target(self, row: np.ndarray, ahead: np.ndarray | None, loud_weight: float) -> float:
+        cfg = self.config
+        loud = float(row[0])
+        if ahead is not None:
+            loud = max(loud, cfg.anticipation * float(ahead[0]))
+        # level-normalised envelope: the loudness relative to a follower of recent speech peaks, gated at -50 dB
+        decay = math.exp(-1.0 / (cfg.agc_release_s * cfg.fps))
+        self._peak = max(loud, self._peak * decay)
+        gate = 0.2
+        normalised = min(1.0, max(0.0, (loud - gate) / max(self._peak - gate, 0.15)))
+        return loud_weight * loud + (1.0 - loud_weight) * normalised
+
     def _frame(self, index: int, row: np.ndarray, ahead: np.ndarray | None) -> MotionParams:
         cfg = self.config
-        target = float(row[0])
-        if ahead is not None:
-            target = max(target, cfg.anticipation * float(ahead[0]))
+        if self._ramp_len and self._ramp_pos < self._ramp_len:
+            self._ramp_pos += 1
+        eff = _blend(self._from, self._to, self._ramp_pos / self._ramp_len if self._ramp_len else 1.0)
+        target = self._jaw_target(row, ahead, eff.loud_weight)
         rate = cfg.attack if target > self._jaw else cfg.release
         self._jaw += rate * (target - self._jaw)
         voiced = min(1.0, 2.0 * float(row[0]))
         width_target = voiced * float(np.clip(3.0 * (row[3] - row[2]) + 0.5, -1.0, 1.0))
         self._width += 0.5 * (width_target - self._width)
-        self._emotion += np.clip(self._emotion_target - self._emotion, -self._emotion_step, self._emotion_step)
 
         offsets = np.zeros((NUM_KP, 2))
         jaw = cfg.jaw_gain * self._jaw
@@ -226,23 +400,26 @@ class ClassicMotion:
         offsets[20, 1] += 0.95 * jaw
         offsets[19, 1] += 0.85 * jaw
         offsets[14, 1] -= 0.08 * jaw
-        spread = 0.05 * self._width  # > 0 spread (ee), < 0 rounded (oo)
+        spread = 0.035 * self._width  # > 0 spread (ee), < 0 rounded (oo)
         offsets[6] += (-spread, 0.4 * jaw)
         offsets[12] += (spread, 0.4 * jaw)
-        offsets += self._emotion
-        closure = self._blink(index)
+        offsets *= eff.lip_scale
+        offsets += facs.offsets(eff.aus) + eff.absolute * self._rest
+        closure = eff.blink * self._blink(index)
         for upper, lower in ((11, 13), (15, 16)):
-            offsets[upper, 1] += closure * 0.12  # most of the lid gap of a typical open eye
-            offsets[lower, 1] -= closure * 0.005
+            offsets[upper, 1] += closure * BLINK_DEPTH
+            offsets[lower, 1] -= closure * 0.01
+        gaze = eff.gaze * self._gaze(index)
+        offsets[[11, 15], 0] += gaze  # the x of an upper-lid keypoint is the eyeball (see engine.motion.facs)
         exp = torch.zeros(1, NUM_KP, 3)
         exp[0, :, :2] = torch.from_numpy(offsets * self.face_size).float()
         t_s = index / cfg.fps
         ph = self._phases
-        amp = cfg.head_motion
+        amp = cfg.head_motion * eff.head
         yaw = amp * (
             2.5 * math.sin(2 * math.pi * 0.11 * t_s + ph[0]) + 1.0 * math.sin(2 * math.pi * 0.27 * t_s + ph[1])
         )
-        pitch = amp * (1.5 * math.sin(2 * math.pi * 0.13 * t_s + ph[2])) + 2.0 * self._jaw
+        pitch = amp * (1.5 * math.sin(2 * math.pi * 0.13 * t_s + ph[2]) + 2.0 * self._jaw)
         roll = amp * (1.5 * math.sin(2 * math.pi * 0.07 * t_s + ph[3]))
         tx = amp * 0.01 * math.sin(2 * math.pi * 0.09 * t_s + ph[4])
         ty = amp * 0.006 * math.sin(2 * math.pi * 0.15 * t_s + ph[5])
@@ -254,11 +431,3 @@ class ClassicMotion:
             t=torch.tensor([[tx, ty, 0.0]], dtype=torch.float32),
             exp=exp,
         )
-
-    def _blink(self, index: int) -> float:
-        """Lid closure in [0, 1] for frame ``index``; blink starts are drawn from the seeded generator."""
-        profile = (0.5, 1.0, 1.0, 0.6, 0.25)
-        while index >= self._next_blink + len(profile):
-            self._next_blink += self._blink_gap()
-        k = index - self._next_blink
-        return profile[k] if 0 <= k < len(profile) else 0.0

@@ -136,7 +136,7 @@ class MotionStitch:
         keep_set = set(keep)
         mask = torch.zeros(NUM_KP, 3, dtype=torch.bool)
         mask[[k for k in range(NUM_KP) if k in keep_set]] = True
-        self._exp_keep = mask.reshape(-1)  # [63]
+        self._exp_keep = mask.reshape(-1).to(self.x_s.device)  # [63]
         self.gaze_fix = gaze_fix
         self.d0: Tensor | None = None
         self._src_pitch = bins_to_degrees(self.x_s[:, PITCH])  # [1]

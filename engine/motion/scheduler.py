@@ -8,7 +8,8 @@ Ditto's ``smo_k_d`` moving average (the future half of it from the lookahead), a
 conditioned on the motion already on screen (``cond_frame``).
 
 Windows run at fixed row positions with one seeded ``torch.Generator`` drawn in window order, so the output is
-the same whatever sizes the features arrive in (streaming == offline).
+the same whatever sizes the features arrive in (streaming == offline). Everything per window lives on the device of
+``init_motion`` (the avatar's: the renderer's device): the generator, the noise, the conditions and the vectors.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class WindowScheduler:
         self.silence = silence
         self.feature_dim = silence.shape[0]
         self.init_motion = init_motion.detach().reshape(MOTION_DIM).to(torch.float32)
+        self.device = self.init_motion.device
         self.source_cond = source_cond
         self.bounds = bounds or MotionBounds.default()
         self.to_params = to_params
@@ -163,10 +165,11 @@ class WindowScheduler:
     def reset(self) -> None:
         """Back to the start of a stream (frame 0, fresh seeded noise)."""
         cfg = self.config
-        self._gen = torch.Generator().manual_seed(cfg.seed)
+        self._gen = torch.Generator(self.device).manual_seed(cfg.seed)
         # Ditto draws the step noises once and reuses them for every window
         self._step_noises = [
-            torch.randn(1, cfg.window, MOTION_DIM, generator=self._gen) for _ in range(self.sampler.noise_steps)
+            torch.randn(1, cfg.window, MOTION_DIM, generator=self._gen, device=self.device)
+            for _ in range(self.sampler.noise_steps)
         ]
         self._rows = np.zeros((0, self.feature_dim), np.float32)  # rows [_base, _n_in)
         self._emo = np.zeros((0, EMOTION_DIM), np.float32)
@@ -277,8 +280,9 @@ class WindowScheduler:
     def _predict(self, rows: np.ndarray, emo: np.ndarray, cond_frame: Tensor) -> Tensor:
         cfg = self.config
         cond = torch.from_numpy(assemble_condition(rows[:, : self.audio_dim], emo, self.source_cond))[None]
+        cond = cond.to(self.device, non_blocking=True)  # [1, W, C]: the one host-to-device copy per window
         kp_cond = cond_frame[None]  # [1, 265]
-        x_T = torch.randn(1, cfg.window, MOTION_DIM, generator=self._gen)
+        x_T = torch.randn(1, cfg.window, MOTION_DIM, generator=self._gen, device=self.device)
 
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             return guided_denoise(self.denoiser, x, kp_cond, cond, t, cfg.guidance)

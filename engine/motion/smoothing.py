@@ -3,7 +3,8 @@
 Both are configured by the lag they may add: ``lag_frames`` bounds the step-response delay (frames from a step
 in the input until the output crosses half of it). The One-Euro filter derives its minimum cutoff from it; the
 Kalman filter picks the largest measurement noise that still meets it. Jitter is reduced as far as that
-bound allows. Filters run per dimension on ``[D]`` vectors, one call per frame.
+bound allows. Filters run per dimension on ``[D]`` float64 tensors, one call per frame, on the tensors' device
+(the motion's: no host round trip per frame; the Kalman gain depends only on the model, so it is kept on the host).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from engine.keypoints import NUM_KP, MotionParams
 
@@ -38,9 +40,13 @@ class OneEuroConfig:
         return 1.0 / (2.0 * math.pi * tau)
 
 
-def _alpha(cutoff: np.ndarray | float, fps: float) -> np.ndarray:
-    tau = 1.0 / (2.0 * math.pi * np.asarray(cutoff, np.float64))
+def _alpha(cutoff: Tensor | float, fps: float) -> Tensor | float:
+    tau = 1.0 / (2.0 * math.pi * cutoff)
     return 1.0 / (1.0 + tau * fps)
+
+
+def _vector(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(x).to(torch.float64)
 
 
 class OneEuroFilter:
@@ -51,20 +57,20 @@ class OneEuroFilter:
         self.reset()
 
     def reset(self) -> None:
-        self._x: np.ndarray | None = None
-        self._dx: np.ndarray | None = None
+        self._x: Tensor | None = None
+        self._dx: Tensor | None = None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: Tensor | np.ndarray) -> Tensor:
         cfg = self.config
-        x = np.asarray(x, np.float64)
+        x = _vector(x)
         if self._x is None or self._dx is None:
-            self._x, self._dx = x.copy(), np.zeros_like(x)
-            return x.copy()
+            self._x, self._dx = x.clone(), torch.zeros_like(x)
+            return x.clone()
         dx = (x - self._x) * cfg.fps
         self._dx = self._dx + _alpha(cfg.d_cutoff, cfg.fps) * (dx - self._dx)
-        a = _alpha(cfg.min_cutoff + cfg.beta * np.abs(self._dx), cfg.fps)
+        a = _alpha(cfg.min_cutoff + cfg.beta * self._dx.abs(), cfg.fps)
         self._x = self._x + a * (x - self._x)
-        return self._x.copy()
+        return self._x.clone()
 
 
 @dataclass(frozen=True)
@@ -136,45 +142,46 @@ class KalmanFilter:
         self.reset()
 
     def reset(self) -> None:
-        self._x: np.ndarray | None = None  # [2, D]
+        self._x: Tensor | None = None  # [2, D]: value, velocity
         self._p = self._p0.copy()
 
-    def __call__(self, z: np.ndarray) -> np.ndarray:
-        z = np.asarray(z, np.float64)
+    def __call__(self, z: Tensor | np.ndarray) -> Tensor:
+        z = _vector(z)
         if self._x is None:
-            self._x = np.stack([z, np.zeros_like(z)])
-            return z.copy()
+            self._x = torch.stack([z, torch.zeros_like(z)])
+            return z.clone()
         q, r = self.config.process_noise, self.measurement_noise
-        x = _F @ self._x  # predict [2, D]
+        position, velocity = self._x[0] + self._x[1], self._x[1]  # predict with F = [[1, 1], [0, 1]]
         p = _F @ self._p @ _F.T + q * _Q
-        k = p @ _H.T / (float(p[0, 0]) + r)  # [2, 1]; the same gain for every dimension
-        self._x = x + k * (z - x[0])[None]
+        k = p @ _H.T / (float(p[0, 0]) + r)  # [2, 1]; the same gain for every dimension (host maths)
+        innovation = z - position
+        self._x = torch.stack([position + float(k[0, 0]) * innovation, velocity + float(k[1, 0]) * innovation])
         self._p = (np.eye(2) - k @ _H) @ p
-        return self._x[0].copy()
+        return self._x[0].clone()
 
 
 def step_delay(filter_: OneEuroFilter | KalmanFilter, frames: int = 60) -> int:
     """Measured step-response delay of a fresh filter (1-d): frames until the output reaches half the step."""
     filter_.reset()
     for _ in range(5):
-        filter_(np.zeros(1))
+        filter_(torch.zeros(1))
     for i in range(frames):
-        if filter_(np.ones(1))[0] >= 0.5:
+        if float(filter_(torch.ones(1))[0]) >= 0.5:
             filter_.reset()
             return i
     filter_.reset()
     return frames
 
 
-def params_to_vector(params: MotionParams) -> np.ndarray:
-    """Batch-1 :class:`MotionParams` -> ``[70]`` (pitch, yaw, roll, t 3, scale, exp 63)."""
+def params_to_vector(params: MotionParams) -> Tensor:
+    """Batch-1 :class:`MotionParams` -> ``[70]`` float64 on their device (pitch, yaw, roll, t 3, scale, exp 63)."""
     p = params
     parts = [p.pitch.reshape(1), p.yaw.reshape(1), p.roll.reshape(1), p.t.reshape(3), p.scale.reshape(1)]
-    return torch.cat([*parts, p.exp.reshape(-1)]).detach().double().numpy()
+    return torch.cat([*parts, p.exp.reshape(-1)]).detach().double()
 
 
-def vector_to_params(v: np.ndarray, like: MotionParams) -> MotionParams:
-    t = torch.as_tensor(v, dtype=like.exp.dtype)
+def vector_to_params(v: Tensor, like: MotionParams) -> MotionParams:
+    t = torch.as_tensor(v).to(like.exp.device, like.exp.dtype)
     return MotionParams(
         scale=t[6:7].reshape(1, 1),
         pitch=t[0:1],

@@ -1,21 +1,25 @@
-"""Weight-free warp-only renderer (classic mode): analytic dense flow from the 21 keypoints + a drawn mouth.
+"""Weight-free warp-only renderer (classic mode): a spline warp driven by the 21 keypoints, plus eye and mouth layers.
 
 Keypoints come from 68-point landmarks (``engine68`` / iBUG order) so the region sets of ``engine.keypoints``
 land on the matching facial parts: LIP on mouth corners, inner lip edges and chin, EYE on the lids and glabella,
 EMOTION adds the brows. Coordinates are normalised crop coordinates in [-1, 1] (x right, y down, z 0), the
 ``grid_sample(align_corners=False)`` convention, so pixel ``p`` maps to ``(2 p + 1) / S - 1``.
 
-Rendering: every keypoint carries an anisotropic Gaussian footprint; the backward flow at an output pixel is
-the weight-normalised sum of the keypoints' ``source - driving`` displacements, with a constant background
-weight that keeps far pixels still. The flow is evaluated at a low resolution and upsampled (it is smooth),
-then the portrait is grid-sampled. Inside the driven lip contour a mouth cavity (dark, with a teeth hint)
-is blended in proportion to the lip gap, so opening the jaw shows speech instead of stretched lips.
+Rendering (see ``docs/controls-classic.md``):
+
+* the head pose is an affine map fitted to rigid anchor keypoints; what is left of each keypoint's motion is
+  expression, which drives ~150 control points derived from the landmarks (``engine.render.classic_mesh``);
+* a polyharmonic spline through the driven control points is the backward warp, evaluated on a coarse grid and
+  upsampled, and at half resolution around the lips, where they part along a seam a few pixels wide;
+* in the driven eye and mouth openings, layers replace what a warp cannot show (``engine.render.classic_layers``):
+  an eyeball under sliding upper lids, and a mouth interior that keeps the photo's own teeth.
+
+With no motion the output is the portrait itself.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -26,39 +30,43 @@ from engine.avatar.landmarks import CLASSIC_SCHEMES
 from engine.avatar.record import Avatar
 from engine.keypoints import NUM_KP, MotionParams, SourceFace, keypoints_from_params
 from engine.render.base import PreparedAvatar
-
-# Footprint (sigma_x, sigma_y) of each keypoint in units of the inter-ocular distance.
-_SIGMA = (
-    (0.80, 0.45),  # 0 forehead
-    (0.30, 0.14),  # 1 left brow
-    (0.30, 0.14),  # 2 right brow
-    (0.22, 0.20),  # 3 nose tip
-    (0.30, 0.30),  # 4 left cheek
-    (0.30, 0.30),  # 5 right cheek
-    (0.13, 0.11),  # 6 left mouth corner
-    (0.35, 0.35),  # 7 left jaw
-    (0.35, 0.35),  # 8 right jaw
-    (0.15, 0.25),  # 9 nose bridge
-    (0.60, 0.30),  # 10 neck
-    (0.18, 0.10),  # 11 left upper lid
-    (0.13, 0.11),  # 12 right mouth corner
-    (0.18, 0.08),  # 13 left lower lid
-    (0.24, 0.10),  # 14 upper lip
-    (0.18, 0.10),  # 15 right upper lid
-    (0.18, 0.08),  # 16 right lower lid
-    (0.24, 0.12),  # 17 lower lip
-    (0.12, 0.12),  # 18 glabella
-    (0.45, 0.20),  # 19 chin
-    (0.30, 0.14),  # 20 below the lower lip
+from engine.render.classic_layers import (
+    EyeSource,
+    MouthSource,
+    eye_curves,
+    eye_layer,
+    eye_source,
+    lower_lip_layer,
+    mouth_layer,
+    mouth_source,
 )
-_BACKGROUND = 0.02  # constant weight of the "no motion" component
-_EPS2 = 0.03  # Shepard-style sharpening: weights ~ gauss / (r^2 + eps^2) pin each keypoint's own motion
+from engine.render.classic_mesh import ANCHORS, Spline, apply_affine, build_mesh, eval_spline, fit_affine, solve_spline
+
+UPPER_INNER_LIP = (61, 62, 63)  # over LOWER_INNER_LIP
+LOWER_INNER_LIP = (67, 66, 65)
+LID_LANDMARKS = (37, 38, 43, 44)  # upper-lid landmarks, and the lower-lid ones below them, the lid keypoints
+LID_BELOW = (41, 40, 47, 46)
+LID_KEYPOINT = (11, 11, 15, 15)
+SOFT_LID_PX = 1.0  # the lid clamp's softness: an upper lid never crosses the lower one
+MIN_LID_GAP_PX = 0.5
 
 
 class ClassicState(NamedTuple):
     portrait: torch.Tensor  # [3, S, S] float in [0, 1]
-    sigma: torch.Tensor  # [21, 2] normalised footprint
     iod: float  # inter-ocular distance, normalised units
+    mesh: torch.Tensor  # [M, 2] source control points (normalised)
+    wx: torch.Tensor  # [M, 21] keypoint-residual weights of each control point, x
+    wy: torch.Tensor  # [M, 21] ... y
+    fixed: torch.Tensor  # [M] bool: crop-border anchors
+    apart: torch.Tensor  # [P, 2] control points kept apart (see MeshSpec.apart)
+    apart_share: torch.Tensor  # [P]
+    apart_upper: torch.Tensor  # [P] bool
+    landmark_index: torch.Tensor  # [68] control point index of each landmark
+    lid_scale: torch.Tensor  # [4] lid travel per unit of lid keypoint offset, for LID_LANDMARKS
+    creases: torch.Tensor  # [4] control point index of the crease above each of LID_LANDMARKS
+    landmarks: torch.Tensor  # [68, 2] source landmarks, pixels
+    eyes: EyeSource
+    mouth: MouthSource
 
 
 def keypoints_from_landmarks(landmarks: np.ndarray, size: int) -> np.ndarray:
@@ -123,41 +131,24 @@ def face_size(source: SourceFace) -> float:
     return float(torch.linalg.vector_norm(right[:2] - left[:2]))
 
 
-def _flow(query: torch.Tensor, kp_d: torch.Tensor, disp: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Backward displacement at ``query`` ``[B, P, 2]`` -> ``[B, P, 2]`` (source = query + result).
-
-    kp_d ``[B, 21, 2]`` driving keypoints, disp ``[B, 21, 2]`` = source - driving, sigma ``[B, 21, 2]``.
-    """
-    d = (query[:, :, None, :] - kp_d[:, None, :, :]) / sigma[:, None, :, :]  # [B, P, 21, 2]
-    r2 = (d * d).sum(-1)  # [B, P, 21]
-    w = torch.exp(-0.5 * r2) / (r2 + _EPS2)
-    total = w.sum(-1, keepdim=True) + _BACKGROUND  # [B, P, 1]
-    return (w @ disp) / total
-
-
-def _grid_sampler(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The fused CUDA grid sample from ``kernels`` on GPU when it is built, else torch's (same semantics)."""
-    if device.type == "cuda":
-        try:
-            fused = getattr(importlib.import_module("kernels"), "grid_sample", None)
-        except ImportError:
-            fused = None
-        if callable(fused):
-            return fused
-
-    def torch_sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    return torch_sample
+def _sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2-D sampling of the portrait (ATen's on any device: the fused kernels are the 3-D warps of the
+    neural renderer, and a 2-D grid sample is already one memory-bound pass)."""
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class ClassicRenderer:
-    """Warp-only renderer (no learned weights). ``flow_size``: internal flow resolution (upsampled)."""
+    """Warp-only renderer (no learned weights).
+
+    ``flow_size``: resolution of the coarse spline evaluation (upsampled); the eyes are evaluated at full and the
+    mouth at half resolution in windows around them, where lids and lips need sharp motion.
+    """
 
     name = "classic"
     untrained = False
+    CPU_CHUNK = 4  # frames rendered at once on a CPU
 
-    def __init__(self, size: int = 512, flow_size: int = 128, device: str | torch.device = "cpu") -> None:
+    def __init__(self, size: int = 512, flow_size: int = 64, device: str | torch.device = "cpu") -> None:
         if size <= 0 or flow_size <= 0:
             raise ValueError(f"size and flow_size must be positive, got {size}, {flow_size}")
         self.size = size
@@ -169,7 +160,6 @@ class ClassicRenderer:
         full = (2.0 * torch.arange(size, dtype=torch.float32) + 1.0) / size - 1.0
         fy, fx = torch.meshgrid(full, full, indexing="ij")
         self._base = torch.stack([fx, fy], -1)[None].to(self.device)  # [1, S, S, 2]
-        self._sample = _grid_sampler(self.device)
 
     def prepare(self, avatar: Avatar) -> PreparedAvatar:
         if avatar.landmarks is None:
@@ -185,11 +175,40 @@ class ClassicRenderer:
         crop = avatar.crop
         if crop.shape[:2] != (self.size, self.size):
             raise ValueError(f"avatar crop must be {self.size}x{self.size}, got {crop.shape[:2]}")
-        source = source_face(avatar.landmarks * 1.0, self.size)
+        landmarks = np.asarray(avatar.landmarks, dtype=np.float64)
+        if not np.isfinite(landmarks).all():
+            raise ValueError(f"avatar {avatar.name!r}: its landmarks contain NaN or infinite values")
+        eyes = float(np.linalg.norm(landmarks[42:48].mean(axis=0) - landmarks[36:42].mean(axis=0)))
+        if eyes < 8.0:
+            raise ValueError(
+                f"avatar {avatar.name!r}: the eyes of its landmarks are {eyes:.1f} px apart in the {self.size} px "
+                "crop; classic mode needs a face (eyes at least 8 px apart), check the landmarks"
+            )
+        source = source_face(landmarks, self.size)
         iod = face_size(source)
-        sigma = torch.tensor(_SIGMA, dtype=torch.float32) * iod  # [21, 2]
-        portrait = torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0).to(self.device)
-        return PreparedAvatar(avatar, source, ClassicState(portrait, sigma.to(self.device), iod))
+        portrait = torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0)
+        spec = build_mesh(landmarks, self.size)
+        lm = torch.from_numpy(landmarks).float()
+        iod_px = iod * self.size / 2
+        dev = self.device
+        state = ClassicState(
+            portrait=portrait.to(dev),
+            iod=iod,
+            mesh=torch.from_numpy(spec.points).float().to(dev),
+            wx=torch.from_numpy(spec.wx).float().to(dev),
+            wy=torch.from_numpy(spec.wy).float().to(dev),
+            fixed=torch.from_numpy(spec.fixed).to(dev),
+            apart=torch.from_numpy(spec.apart).to(dev),
+            apart_share=torch.from_numpy(spec.apart_share).float().to(dev),
+            apart_upper=torch.from_numpy(spec.apart_upper).to(dev),
+            landmark_index=torch.from_numpy(spec.landmark_index).to(dev),
+            lid_scale=torch.from_numpy(spec.lid_scale[list(LID_LANDMARKS)]).float().to(dev),
+            creases=torch.from_numpy(spec.crease_index[list(LID_LANDMARKS)]).to(dev),
+            landmarks=lm.to(dev),
+            eyes=EyeSource(eye_source(portrait, lm, iod_px).texture.to(dev)),
+            mouth=_to_device(mouth_source(portrait, lm, iod_px), dev),
+        )
+        return PreparedAvatar(avatar, source, state)
 
     def drive(self, prepared: PreparedAvatar, params: MotionParams) -> torch.Tensor:
         """No stitching network in classic mode: the transformed keypoints ``[B, 21, 3]`` as they are."""
@@ -199,57 +218,203 @@ class ClassicRenderer:
     def render(self, prepared: Sequence[PreparedAvatar], kp_driving: torch.Tensor) -> torch.Tensor:
         if kp_driving.shape != (len(prepared), NUM_KP, 3):
             raise ValueError(f"kp_driving must be [{len(prepared)}, {NUM_KP}, 3], got {tuple(kp_driving.shape)}")
+        if self.device.type == "cpu" and len(prepared) > self.CPU_CHUNK:
+            # a CPU gains nothing from wide batches here (the cost is per frame), and each frame's intermediate
+            # tensors are ~30 MB: chunks keep a batch of 16 from holding half a gigabyte at once
+            return torch.cat(
+                [
+                    self.render(prepared[i : i + self.CPU_CHUNK], kp_driving[i : i + self.CPU_CHUNK])
+                    for i in range(0, len(prepared), self.CPU_CHUNK)
+                ]
+            )
         states: list[ClassicState] = [p.state for p in prepared]
-        b = len(prepared)
+        b, size = len(prepared), self.size
         kp_d = kp_driving[..., :2].to(self.device, torch.float32)
-        kp_s = torch.stack([p.source.kp_source[:, :2] for p in prepared]).to(self.device)
-        sigma = torch.stack([s.sigma for s in states])
-        disp = kp_s - kp_d
-        flow = _flow(self._query.expand(b, -1, -1), kp_d, disp, sigma)  # [B, F*F, 2]
-        flow = flow.reshape(b, self.flow_size, self.flow_size, 2).permute(0, 3, 1, 2)
-        flow = F.interpolate(flow, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        grid = self._base + flow.permute(0, 2, 3, 1)
-        portrait = torch.stack([s.portrait for s in states])
-        out = self._sample(portrait, grid)  # [B, 3, S, S]
-        return self._mouth(out, states, kp_d, disp, sigma).clamp_(0.0, 1.0)
+        kp_s = torch.stack([p.source.kp_source[:, :2] for p in prepared]).to(self.device, torch.float32)
+        anchors = list(ANCHORS)
+        aff = fit_affine(kp_s[:, anchors], kp_d[:, anchors]).float()  # [B, 2, 3] head motion
+        res = kp_d - apply_affine(aff, kp_s)  # [B, 21, 2] expression
+        mesh = torch.stack([s.mesh for s in states])  # [B, M, 2]
+        rx = (torch.stack([s.wx for s in states]) @ res[..., 0:1])[..., 0]
+        ry = (torch.stack([s.wy for s in states]) @ res[..., 1:2])[..., 0]
+        moved = apply_affine(aff, mesh) + torch.stack([rx, ry], -1)
+        driven = torch.where(torch.stack([s.fixed for s in states])[..., None], mesh, moved)
+        wanted = driven
+        driven = self._clamp_gaps(driven, states)
+        spline = solve_spline(driven, mesh - driven)  # backward displacement at the driven points
 
-    def _mouth(
-        self,
-        out: torch.Tensor,
-        states: Sequence[ClassicState],
-        kp_d: torch.Tensor,
-        disp: torch.Tensor,
-        sigma: torch.Tensor,
-    ) -> torch.Tensor:
-        """Blend a mouth cavity between the driven inner lip edges (keypoints 14 and 17)."""
-        # the mouth corners and inner lip edges are keypoints 6, 12, 14, 17: their driven positions are exact
-        src = (kp_d + disp)[:, [6, 12, 14, 17]]  # [B, 4, 2]
-        pts = kp_d[:, [6, 12, 14, 17]]
-        left, right, top, bottom = pts.unbind(1)  # [B, 2] each
-        iod = torch.tensor([s.iod for s in states], device=out.device)
-        gap = bottom[:, 1] - top[:, 1] - (src[:, 3, 1] - src[:, 2, 1])  # opening beyond the portrait's own
-        if float(gap.max()) <= 1e-3:
-            return out
-        half = ((right[:, 0] - left[:, 0]) / 2).clamp_min(1e-3)
-        cx = (left[:, 0] + right[:, 0]) / 2
-        x, y = self._base[..., 0], self._base[..., 1]  # [1, S, S]
-        u = (x - cx[:, None, None]) / half[:, None, None]
-        lip_y = left[:, 1, None, None] + (right[:, 1] - left[:, 1])[:, None, None] * (u + 1) / 2
-        bulge = (1 - u * u).clamp_min(0.0)
-        y_top = lip_y + (top[:, 1, None, None] - lip_y) * bulge
-        y_bot = lip_y + (bottom[:, 1, None, None] - lip_y) * bulge
-        edge = 2.0 / self.size
-        inside = torch.sigmoid((y - y_top) / edge) * torch.sigmoid((y_bot - y) / edge) * (u.abs() < 1)
-        strength = (gap / (0.04 * iod)).clamp(0.0, 1.0)[:, None, None]
-        alpha = inside * strength  # [B, S, S]
-        depth = ((y - y_top) / (y_bot - y_top).clamp_min(1e-4)).clamp(0, 1)
-        cavity = torch.stack([0.25 - 0.1 * depth, 0.07 + 0 * depth, 0.08 + 0 * depth], 1)  # dark red
-        teeth_h = (0.025 * iod)[:, None, None]
-        teeth = (
-            torch.sigmoid((y_top + teeth_h - y) / edge)
-            * (1 - u.abs() ** 4).clamp_min(0)
-            * (gap > 0.02 * iod)[:, None, None]
-        )
-        cavity = cavity * (1 - teeth[:, None]) + 0.9 * teeth[:, None]
-        a = alpha[:, None]
-        return out * (1 - a) + cavity * a
+        flow = eval_spline(spline, self._query.expand(b, -1, -1))  # [B, F*F, 2]
+        flow = flow.reshape(b, self.flow_size, self.flow_size, 2).permute(0, 3, 1, 2)
+        flow = F.interpolate(flow, size=(size, size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        flow = flow.contiguous()
+        lm_px = [_to_px(driven[i, s.landmark_index], size) for i, s in enumerate(states)]
+        lids, travel = self._full_lids(aff, res, lm_px, states)
+        lower = list(LOWER_INNER_LIP)
+        closing = []  # how far the warp held each lower lip below where the motion wants it (pixels)
+        for i, s in enumerate(states):
+            lm_px[i][list(LID_LANDMARKS)] = lids[i]
+            want = _to_px(wanted[i, s.landmark_index[lower]], size)
+            upper = lm_px[i][list(UPPER_INNER_LIP)]
+            want[:, 1] = torch.maximum(want[:, 1], upper[:, 1] + MIN_LID_GAP_PX)  # lips meet, never cross
+            closing.append(float((lm_px[i][lower, 1] - want[:, 1]).max()))
+            lm_px[i][lower] = want
+        creases = [_to_px(driven[i, s.creases], size) for i, s in enumerate(states)]
+        for i, s in enumerate(states):
+            # the lips part along a seam a few pixels wide: evaluate the spline there at half resolution
+            one = Spline(spline.centers[i : i + 1], spline.weights[i : i + 1], spline.affine[i : i + 1])
+            self._refine(flow[i], one, self._box(lm_px[i][48:68], 0.15 * s.iod * size / 2, even=True), 2)
+        grid = self._base + flow
+        portrait = torch.stack([s.portrait for s in states])
+        out = _sample(portrait, grid)  # [B, 3, S, S]
+
+        to_source = _output_to_source(aff, size)  # [B, 2, 3] output pixels -> portrait pixels, head motion only
+        det = (aff[:, 0, 0] * aff[:, 1, 1] - aff[:, 0, 1] * aff[:, 1, 0]).abs().clamp_min(1e-6)
+        gaze = res[:, [11, 15], 0] * size / 2  # [B, 2] eyeball shift in output pixels
+        for i, s in enumerate(states):
+            creases_s = _to_px(s.mesh[s.creases], size)
+            for eye in (0, 1):
+                pair = slice(2 * eye, 2 * eye + 2)
+                curves_d = eye_curves(lm_px[i], creases[i][pair], eye)
+                box = self._box(torch.cat([curves_d.lash, curves_d.lower, curves_d.crease]), 3.0)
+                x0, y0, x1, y1 = box
+                if x1 - x0 < 2 or y1 - y0 < 2:  # the eye left the frame
+                    continue
+                out[i, :, y0:y1, x0:x1] = eye_layer(
+                    out[i, :, y0:y1, x0:x1],
+                    s.portrait,
+                    s.eyes,
+                    curves_d,
+                    eye_curves(s.landmarks, creases_s[pair], eye),
+                    to_source[i],
+                    float(gaze[i, eye]),
+                    float(travel[i, pair].abs().mean()),
+                    box,
+                )
+            box = self._box(lm_px[i][60:68], 3.0)
+            x0, y0, x1, y1 = box
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                continue
+            scale = float(det[i].rsqrt())
+            out[i, :, y0:y1, x0:x1] = mouth_layer(
+                out[i, :, y0:y1, x0:x1], s.portrait, s.mouth, lm_px[i], s.landmarks, scale,
+                s.iod * size / 2 / scale, box,
+            )  # fmt: skip
+            if closing[i] > 0.05:  # the lower lip rises over what the warp left open
+                box = self._box(lm_px[i][48:68], 3.0)
+                x0, y0, x1, y1 = box
+                strength = min(1.0, closing[i] / 2.0)
+                out[i, :, y0:y1, x0:x1] = lower_lip_layer(
+                    out[i, :, y0:y1, x0:x1], s.portrait, lm_px[i], s.landmarks, strength, box
+                )
+        return out.clamp_(0.0, 1.0)
+
+    # --- internals ---
+
+    def _clamp_gaps(self, driven: torch.Tensor, states: Sequence[ClassicState]) -> torch.Tensor:
+        """Keep control points that sit above each other from crossing or squeezing together, which would fold the
+        spline (a brow pushed into the eye, a mouth closed over its own open lips): each pair keeps at least its
+        share of the portrait's own gap, softly, and exactly where the portrait itself is."""
+        unit = 2.0 / self.size
+        s0 = states[0]  # the same mesh layout for every avatar
+        mesh = torch.stack([s.mesh for s in states])
+        for move_upper in (True, False):
+            pick = s0.apart_upper == move_upper
+            upper, lower = s0.apart[pick, 0], s0.apart[pick, 1]
+            own = (mesh[:, lower, 1] - mesh[:, upper, 1]).clamp_min(0.0)  # [B, P]
+            least = torch.clamp(s0.apart_share[pick] * own, min=MIN_LID_GAP_PX * unit)
+            soft = ((own - least) / 25.0).clamp(1e-5, SOFT_LID_PX * unit)  # exact 20 softnesses away
+            driven = _keep_apart(driven, upper, lower, least, soft, move_upper)
+        return driven
+
+    def _full_lids(
+        self, aff: torch.Tensor, res: torch.Tensor, lm_px: list[torch.Tensor], states: Sequence[ClassicState]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upper-lid landmarks with the whole lid travel (the spline moved them SPLINE_LID_SHARE of it), pixels
+        ``[B, 4, 2]``: head motion + lid keypoint offset x lid scale, softly kept above the driven lower lid; and
+        the travel ``[B, 4]`` (pixels)."""
+        src = torch.stack([s.mesh[s.landmark_index[list(LID_LANDMARKS)]] for s in states])  # [B, 4, 2]
+        travel = res[:, list(LID_KEYPOINT), 1] * torch.stack([s.lid_scale for s in states])  # [B, 4]
+        lids = _to_px(apply_affine(aff, src), self.size)
+        lids[..., 1] += travel * self.size / 2
+        lower = torch.stack([px[list(LID_BELOW)] for px in lm_px])  # [B, 4, 2]
+        gap = lower[..., 1] - lids[..., 1]
+        soft = MIN_LID_GAP_PX + F.softplus(gap - MIN_LID_GAP_PX, beta=1.0 / SOFT_LID_PX, threshold=20.0)
+        lids[..., 1] = lower[..., 1] - soft
+        return lids, travel * self.size / 2
+
+    def _box(self, points: torch.Tensor, margin: float, even: bool = False) -> tuple[int, int, int, int]:
+        """Integer window (x0, y0, x1, y1) around ``points [N, 2]`` (pixels) grown by ``margin``, in the frame."""
+        lo = points.min(0).values - margin
+        hi = points.max(0).values + margin
+        x0, y0 = max(0, int(np.floor(float(lo[0])))), max(0, int(np.floor(float(lo[1]))))
+        x1, y1 = min(self.size, int(np.ceil(float(hi[0]))) + 1), min(self.size, int(np.ceil(float(hi[1]))) + 1)
+        if even:  # half-resolution evaluation: an even number of pixels each way
+            x1 -= (x1 - x0) % 2
+            y1 -= (y1 - y0) % 2
+        return x0, y0, max(x0, x1), max(y0, y1)
+
+    def _refine(self, flow: torch.Tensor, spline: Spline, box: tuple[int, int, int, int], stride: int) -> None:
+        """Evaluate the spline exactly in ``box`` (every ``stride`` pixels) and feather it into ``flow [S, S, 2]``."""
+        x0, y0, x1, y1 = box
+        w, h = (x1 - x0) // stride, (y1 - y0) // stride
+        if w < 4 or h < 4:
+            return
+        xs = x0 + stride * torch.arange(w, dtype=torch.float32, device=self.device) + (stride - 1) / 2
+        ys = y0 + stride * torch.arange(h, dtype=torch.float32, device=self.device) + (stride - 1) / 2
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        q = (2.0 * torch.stack([gx, gy], -1) + 1.0) / self.size - 1.0  # [h, w, 2]
+        fine = eval_spline(spline, q.reshape(1, -1, 2)).reshape(h, w, 2)
+        if stride > 1:
+            fine = F.interpolate(fine.permute(2, 0, 1)[None], scale_factor=stride, mode="bilinear", align_corners=False)
+            fine = fine[0].permute(1, 2, 0)
+        hh, ww = fine.shape[:2]
+        feather = 4.0 * stride
+        ry = torch.arange(hh, dtype=torch.float32, device=self.device)
+        rx = torch.arange(ww, dtype=torch.float32, device=self.device)
+        fy = torch.minimum(ry + 0.5, hh - 0.5 - ry) / feather
+        fx = torch.minimum(rx + 0.5, ww - 0.5 - rx) / feather
+        f = torch.minimum(fy[:, None], fx[None, :]).clamp(0.0, 1.0)[..., None]
+        region = flow[y0 : y0 + hh, x0 : x0 + ww]
+        region.mul_(1 - f).add_(fine * f)
+
+
+def _keep_apart(
+    driven: torch.Tensor,
+    upper: torch.Tensor,
+    lower: torch.Tensor,
+    least: torch.Tensor,
+    soft: torch.Tensor,
+    move_upper: bool,
+) -> torch.Tensor:
+    """Points ``driven[:, upper]`` stay at least ``least`` ``[B, P]`` above ``driven[:, lower]`` (a softplus limit
+    of softness ``soft`` ``[B, P]``, exact once the gap exceeds the limit by 20 x ``soft``); the upper or the lower
+    point of each pair gives way."""
+    gap = driven[:, lower, 1] - driven[:, upper, 1]
+    kept = least + soft * F.softplus((gap - least) / soft)
+    driven = driven.clone()
+    if move_upper:
+        driven[:, upper, 1] = driven[:, lower, 1] - kept
+    else:
+        driven[:, lower, 1] = driven[:, upper, 1] + kept
+    return driven
+
+
+def _to_px(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised crop coordinates -> pixel coordinates."""
+    return ((points + 1.0) * size - 1.0) / 2.0
+
+
+def _output_to_source(aff: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of the head affine ``[B, 2, 3]`` (normalised, source -> output) as output px -> source px."""
+    b = aff.shape[0]
+    full = torch.zeros(b, 3, 3, dtype=torch.float64, device=aff.device)
+    full[:, :2] = aff.double()
+    full[:, 2, 2] = 1.0
+    c = torch.tensor([[size / 2, 0.0, (size - 1) / 2], [0.0, size / 2, (size - 1) / 2], [0.0, 0.0, 1.0]],
+                     dtype=torch.float64, device=aff.device)  # fmt: skip
+    m = c @ torch.linalg.inv(full) @ torch.linalg.inv(c)
+    return m[:, :2].float()
+
+
+def _to_device(mouth: MouthSource, device: torch.device) -> MouthSource:
+    return MouthSource(mouth.split.to(device), mouth.lip.to(device), mouth.light)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from engine.models.warping_ops import FUSED, STANDARD, WarpOps
+from engine.models.warping_ops import FUSED, OPS, STANDARD, WarpOps
 from export.graphs import Graph
 
 
@@ -23,18 +23,45 @@ class BackendError(RuntimeError):
     """A backend that cannot be selected or cannot run a graph; the message says why and what to do."""
 
 
-class Runner:
-    """A loaded graph: call with the graph's inputs (any device; moved as needed), get its outputs as a tuple."""
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
-    def __init__(self, name: str, fn: Callable[..., tuple[Tensor, ...]], input_names: tuple[str, ...]):
+
+def bucket(batch: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
+    """The smallest bucket that holds ``batch`` (``batch`` itself beyond the largest)."""
+    return next((b for b in buckets if b >= batch), batch)
+
+
+class Runner:
+    """A loaded graph: call with the graph's inputs (any device; moved as needed), get its outputs as a tuple.
+
+    With ``buckets``, a call of batch B runs at the smallest bucket >= B: the inputs are padded by repeating
+    their last row and the outputs cut back to B. A static-shape backend (torch.compile, CUDA graphs, TensorRT
+    profiles) then sees a handful of shapes, each built once, instead of one per batch size a live worker forms.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[..., tuple[Tensor, ...]],
+        input_names: tuple[str, ...],
+        buckets: tuple[int, ...] | None = None,
+    ):
         self.name = name
         self._fn = fn
         self.input_names = input_names
+        self.buckets = buckets
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         if len(inputs) != len(self.input_names):
             raise ValueError(f"{self.name} takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
-        return self._fn(*inputs)
+        if self.buckets is None:
+            return self._fn(*inputs)
+        b = inputs[0].shape[0]
+        size = bucket(b, self.buckets)
+        if size == b:
+            return self._fn(*inputs)
+        padded = tuple(torch.cat([t, t[-1:].expand(size - b, *t.shape[1:])]) for t in inputs)
+        return tuple(out[:b] for out in self._fn(*padded))
 
 
 class Backend(ABC):
@@ -57,10 +84,14 @@ class Backend(ABC):
     def unavailable_reason(cls, device: torch.device) -> str | None:
         """``None`` when the backend can run on ``device``, else a one-line reason (missing package, no GPU)."""
 
+    warp_kernels: str = "auto"  # auto | fused | standard (the torch backends take it as option "kernels")
+
     @property
     def warp_ops(self) -> WarpOps:
         """The warping ops this backend's renderer graphs use: the fused kernels on a GPU where they can be
         compiled (they do softmax, deformation and warp in one pass), else the standard PyTorch path."""
+        if self.warp_kernels != "auto":
+            return OPS[self.warp_kernels]
         return FUSED if self.device.type == "cuda" and kernels.available() else STANDARD
 
     @abstractmethod

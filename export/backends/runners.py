@@ -15,7 +15,7 @@ from torch import Tensor
 from engine.models.liveportrait import LivePortraitNets
 from engine.models.motion_extractor import MotionOutput
 from engine.motion.lmdm import LMDMConfig, MotionDecoder
-from export.backends.base import Backend, Runner
+from export.backends.base import BATCH_BUCKETS, Backend, Runner
 from export.graphs import denoiser_graph, renderer_graphs
 
 
@@ -29,6 +29,8 @@ class RendererRuntime:
         self.backend = backend
         graphs = renderer_graphs(nets, names=self.GRAPHS, ops=backend.warp_ops)
         self.runners: dict[str, Runner] = {name: backend.load(g, batch=batch) for name, g in graphs.items()}
+        # the per-frame graph sees the batch sizes a live worker forms: bucketed, so each shape is built once
+        self.runners["warping_decoder"].buckets = BATCH_BUCKETS
 
     @property
     def device(self) -> torch.device:

@@ -7,20 +7,23 @@ session would show, only faster. Nothing is left under ``--out`` when rendering 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import signal
 from pathlib import Path
 from typing import Any
 
 import click
 from tqdm import tqdm
 
+from engine.avatar.image import AvatarError
 from engine.config import ConfigError
-from engine.media import MediaError, check_writable, read_audio
+from engine.media import AudioFile, MediaError, check_writable
 from engine.motion.emotion import EMOTIONS
 from engine.weights.checkpoint import CheckpointError
 from streaming.api import ControlError
 from streaming.cli.options import RUNTIME_OPTION_NAMES, parse_controls, runtime_config, runtime_options
-from streaming.clock import frame_count
 from streaming.pipelines import PipelineError, RuntimeConfig
 from streaming.runtime import Runtime
 from streaming.session import SessionConfig
@@ -38,7 +41,7 @@ logger = logging.getLogger(__name__)
     help="A portrait image to use instead of a stored avatar (prepared now, not stored).",
 )
 @click.option("--audio", "audio_path", type=click.Path(path_type=Path), required=True, help="Audio file (WAV, ...).")
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output mp4 file.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output video: .mp4, .mov or .mkv.")
 @click.option("--emotion", default=None, help="Emotion: " + ", ".join(EMOTIONS) + " (a shortcut of --control).")
 @click.option("--intensity", type=float, default=None, help="Emotion intensity, 0 to 1.5 (a shortcut of --control).")
 @click.option(
@@ -85,12 +88,25 @@ def render(
     )
     try:
         check_writable(out)  # before any work: a bad --out must not cost a render
-        audio = read_audio(audio_path)
+        audio = AudioFile(audio_path)  # checked now, read a second at a time while rendering
         result = asyncio.run(_render(config, audio, out, avatar_name, image, controls, paste_back, no_progress))
+    except Interrupted as exc:
+        click.echo(f"render stopped by {exc}; nothing was written to {out}", err=True)
+        raise SystemExit(128 + exc.signum) from None
+    except AvatarError as exc:
+        if image is None:
+            raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(
+            f"{exc}\n(--image prepares the photo with automatic settings; to give the face region or landmarks, "
+            f"store it once with 'engine avatar add {image} --name NAME --crop x,y,w,h --landmarks FILE' and "
+            "render with --avatar NAME)"
+        ) from exc
     except (MediaError, ConfigError, CheckpointError, FileNotFoundError, PipelineError, ControlError) as exc:
         raise click.ClickException(str(exc)) from exc
     except ValueError as exc:  # bad image, unknown avatar, invalid control
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # e.g. the engine home cannot be written (full disk, permissions)
+        raise click.ClickException(f"{exc.filename or 'a file'}: {exc.strerror or exc}") from exc
     except RuntimeError as exc:  # a stage or the renderer failed mid-way (nothing was written)
         raise click.ClickException(f"rendering failed: {exc}") from exc
     width, height = result.size
@@ -102,7 +118,7 @@ def render(
 
 async def _render(
     config: RuntimeConfig,
-    audio: Any,
+    audio: AudioFile,
     out: Path,
     avatar_name: str | None,
     image: Path | None,
@@ -112,12 +128,25 @@ async def _render(
 ) -> RenderResult:
     fps = config.session.fps
     runtime = Runtime.create(config)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    stopped: list[int] = []
+
+    def stop(signum: int) -> None:
+        # SIGTERM / SIGINT: cancel the render; the writer removes its temporary file on the way out
+        stopped.append(signum)
+        if task is not None:
+            task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop, signum)
     try:
         banner = runtime.pipeline.banner
         if banner is not None:  # why the face is drawn, or noise: said once, before the work
             click.secho(banner, fg="red" if runtime.untrained else "yellow", err=True)
         avatar = runtime.load_avatar(avatar_name, image) if image is not None else avatar_name
-        total = frame_count(len(audio), fps)
+        total = math.ceil(audio.duration_s * fps)
         with tqdm(total=total, unit="frame", disable=no_progress, desc="render") as bar:
             result = await render_to_file(
                 runtime,
@@ -129,6 +158,21 @@ async def _render(
                 progress=bar.update,
                 paste_back=paste_back,
             )
+    except asyncio.CancelledError:
+        if stopped:
+            raise Interrupted(stopped[0]) from None
+        raise
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)
         await runtime.aclose()
     return result
+
+
+class Interrupted(Exception):
+    """The render was stopped by a signal (its partial output is already removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -1,12 +1,13 @@
-"""Offline rendering: an audio file through the same session pipeline as live, as fast as it goes, into an mp4.
+"""Offline rendering: an audio file through the same session pipeline as live, as fast as it goes, into a video.
 
 The session runs with ``realtime=False``: frames are committed as soon as their audio is complete, no frame is
 dropped and nothing waits for the wall clock. The video has exactly ``ceil(duration * fps)`` frames and the
-audio track is the input audio, frame-aligned.
+audio track is the input audio, frame-aligned, at the input's own rate and channels. A file is read, rendered
+and encoded a second at a time, so memory does not grow with the length of the input.
 
 With ``paste_back`` (the default, like LivePortrait's ``flag_pasteback``) each rendered face crop is blended
 back into the avatar's original photo and the video has the photo's size (an odd side gets one replicated
-column / row, see :class:`~engine.media.Mp4Writer`). When the crop already is the whole photo (the
+column / row, see :class:`~engine.media.VideoWriter`). When the crop already is the whole photo (the
 default avatar) there is nothing to paste into and the frames are written as rendered.
 """
 
@@ -23,8 +24,7 @@ import numpy as np
 from engine.audio.pcm import SAMPLE_RATE
 from engine.avatar.pasteback import PasteBack
 from engine.avatar.record import Avatar
-from engine.media import Mp4Writer
-from streaming.clock import frame_count
+from engine.media import AudioFile, VideoWriter
 from streaming.runtime import Runtime
 
 PUSH_SECONDS = 1.0  # audio handed to the session per step (keeps memory flat for long files)
@@ -44,7 +44,7 @@ class RenderResult:
 
 async def render_to_file(
     runtime: Runtime,
-    audio: np.ndarray,
+    audio: np.ndarray | AudioFile,
     out: str | Path,
     *,
     avatar: str | Avatar | None = None,
@@ -53,16 +53,18 @@ async def render_to_file(
     progress: Callable[[int], None] | None = None,
     paste_back: bool = True,
 ) -> RenderResult:
-    """Render ``audio`` (float32 mono 16 kHz) with ``avatar`` to ``out`` (H.264 + AAC mp4, written atomically).
+    """Render ``audio`` with ``avatar`` to ``out`` (H.264 + AAC, written atomically): an :class:`AudioFile`
+    (streamed, its audio track kept at its own rate) or float32 mono 16 kHz samples.
 
     ``progress(n)`` is called with the number of frames written since the last call. ``paste_back``: blend each
     face crop into the avatar's original photo (the video gets the photo's size); False writes the crops.
     """
-    audio = np.asarray(audio, np.float32).reshape(-1)
-    if audio.size == 0:
+    source = audio if isinstance(audio, AudioFile) else None
+    samples = np.zeros(0, np.float32) if source is not None else np.asarray(audio, np.float32).reshape(-1)
+    if source is None and samples.size == 0:
         raise ValueError("the audio is empty")
     cfg = replace(runtime.config.session, realtime=False, fps=fps or runtime.config.session.fps)
-    total = frame_count(audio.size, cfg.fps)
+    duration_s = source.duration_s if source is not None else samples.size / SAMPLE_RATE
     record = avatar if isinstance(avatar, Avatar) else runtime.load_avatar(avatar)
     session = await runtime.open_session(record, config=cfg, controls=controls)
     try:
@@ -70,15 +72,24 @@ async def render_to_file(
         paster = PasteBack(record, session.size) if paste_back and not crop_is_photo(record) else None
         canvas = paster.image.copy() if paster is not None else None
         size = (canvas.shape[1], canvas.shape[0]) if canvas is not None else (session.size, session.size)
-        with Mp4Writer(out, cfg.fps, size) as writer:
+        rate, channels = (source.rate, source.channels) if source is not None else (SAMPLE_RATE, 1)
+        with VideoWriter(out, cfg.fps, size, audio_rate=rate, audio_channels=channels) as writer:
+
+            async def push(chunk: np.ndarray, chunk_rate: int) -> None:
+                session.push_audio(chunk, chunk_rate)
+                # let the pipeline work between pushes; pushing is cheap, the queues bound the rest
+                while session.metrics()["buffered_s"] > 2 * PUSH_SECONDS:
+                    await asyncio.sleep(0.005)
 
             async def feed() -> None:
-                step = int(PUSH_SECONDS * SAMPLE_RATE)
-                for i in range(0, audio.size, step):
-                    session.push_audio(audio[i : i + step], SAMPLE_RATE)
-                    # let the pipeline work between pushes; pushing is cheap, the queues bound the rest
-                    while session.metrics()["buffered_s"] > 2 * PUSH_SECONDS:
-                        await asyncio.sleep(0.005)
+                if source is not None:
+                    for chunk in source:  # the file's own samples go to the video as they are
+                        writer.audio(chunk)
+                        await push(chunk if chunk.shape[1] > 1 else chunk[:, 0], source.rate)
+                else:
+                    step = int(PUSH_SECONDS * SAMPLE_RATE)
+                    for i in range(0, samples.size, step):
+                        await push(samples[i : i + step], SAMPLE_RATE)
                 session.end_of_stream()
 
             async def video() -> None:
@@ -98,13 +109,14 @@ async def render_to_file(
                         progress(1)
                 if last is None:
                     raise RuntimeError("the session produced no video")
-                while n < total:
+                while n < session.metrics()["frames_committed"]:
                     writer.video(last, n)
                     n += 1
 
             async def sound() -> None:
                 while (chunk := await session.next_audio()) is not None:
-                    writer.audio(chunk.samples)
+                    if source is None:  # a file's audio was written as read, at its own rate
+                        writer.audio(chunk.samples)
 
             await run_all(feed(), video(), sound())
             if session.error is not None:
@@ -118,7 +130,7 @@ async def render_to_file(
         Path(out),
         frames,
         cfg.fps,
-        audio.size / SAMPLE_RATE,
+        duration_s,
         runtime.untrained,
         metrics,
         size=encoded,

@@ -5,7 +5,6 @@ modules directly, and the errors of ``RuntimeConfig``, the pipeline build and ``
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from streaming.cli import main
 from streaming.pipelines import PipelineError, RuntimeConfig
 from streaming.runtime import Runtime
 from streaming.session import SessionConfig
-from streaming.testing import eager_renderer
+from streaming.testing import drain, eager_renderer
 
 FLOAT_TOL = 1e-4  # fp32 onnxruntime vs PyTorch, as in tests/test_backends.py
 UINT8_TOL = 1  # one 8-bit step: a float difference of 1e-4 can still cross a rounding boundary
@@ -88,16 +87,7 @@ async def _session_frames(backend: str, audio: np.ndarray) -> tuple[Runtime, lis
         assert isinstance(denoiser, DenoiserRuntime) and denoiser.backend.name == backend
         session.push_audio(audio, 16_000)
         session.end_of_stream()
-
-        async def drain_audio() -> None:
-            while await session.next_audio() is not None:
-                pass
-
-        reader = asyncio.create_task(drain_audio())
-        frames = []
-        while (f := await session.next_video()) is not None:
-            frames.append(f.rgb)
-        await reader
+        frames = [f.rgb for f in (await drain(session))[0]]
     finally:
         await runtime.aclose()
     return runtime, frames

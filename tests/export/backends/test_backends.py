@@ -148,3 +148,49 @@ def test_bench_subcommand_and_errors(tmp_path: Path) -> None:
     result = runner.invoke(main, ["bench", "backends", "--module", "nope", "--out", str(tmp_path / "y.json")])
     assert result.exit_code != 0 and "nope" in result.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_buckets_pad_to_a_few_shapes_and_cut_back(nets: liveportrait.LivePortraitNets) -> None:
+    """A batch of 3 runs at bucket 4 (its last row repeated) and comes back as 3 rows equal to an unpadded run."""
+    graph = graphs.renderer_graphs(nets, names=["warping_decoder"])["warping_decoder"]
+    plain = get_backend(BackendConfig("eager", "cpu", "fp32")).load(graph)
+    seen: list[int] = []
+    bucketed = get_backend(BackendConfig("eager", "cpu", "fp32")).load(graph)
+    inner = bucketed._fn
+    bucketed._fn = lambda *x: (seen.append(x[0].shape[0]), inner(*x))[1]  # type: ignore[assignment]
+    bucketed.buckets = backends.base.BATCH_BUCKETS
+    inputs = graph.example_inputs(3)
+    (out,) = bucketed(*inputs)
+    assert seen == [4] and out.shape[0] == 3
+    assert _max_err((out,), plain(*inputs)) <= TOL
+    assert [backends.base.bucket(b) for b in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 40]
+    renderer = RendererRuntime(nets, get_backend(BackendConfig("eager", "cpu", "fp32")))
+    assert renderer.runners["warping_decoder"].buckets == backends.base.BATCH_BUCKETS
+
+
+def test_kernels_option_selects_the_warping_ops(nets: liveportrait.LivePortraitNets) -> None:
+    """``kernels=fused`` runs the fused ops' custom ops (their CPU kernel is the twin): the same picture within
+    the twins' tolerance; an unknown value or option is refused."""
+    graph_inputs = graphs.renderer_graphs(nets, names=["warping_decoder"])["warping_decoder"].example_inputs(2)
+    fused = RendererRuntime(nets, get_backend(BackendConfig("eager", "cpu", "fp32", {"kernels": "fused"})))
+    standard = RendererRuntime(nets, get_backend(BackendConfig("eager", "cpu", "fp32", {"kernels": "standard"})))
+    assert (fused.backend.warp_ops.name, standard.backend.warp_ops.name) == ("fused", "standard")
+    with torch.inference_mode():
+        assert _max_err((fused.warp_decode(*graph_inputs),), (standard.warp_decode(*graph_inputs),)) <= 1e-4
+    with pytest.raises(BackendError, match="kernels must be one of"):
+        get_backend(BackendConfig("eager", "cpu", options={"kernels": "fast"}))
+    with pytest.raises(BackendError, match=r"takes no option\(s\) \['threads'\]"):
+        get_backend(BackendConfig("eager", "cpu", options={"threads": 2}))
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_replay_equals_eager_on_the_gpu(nets: liveportrait.LivePortraitNets) -> None:
+    """On a GPU the eager backend replays CUDA graphs (one per bucket): the same outputs as plain calls, for two
+    batch sizes in one bucket, and a graph is captured once per shape."""
+    graph = graphs.renderer_graphs(nets, names=["warping_decoder"])["warping_decoder"]
+    graphed = get_backend(BackendConfig("eager", "cuda", "fp32", {"cuda_graphs": True})).load(graph)
+    plain = get_backend(BackendConfig("eager", "cuda", "fp32", {"cuda_graphs": False})).load(graph)
+    graphed.buckets = backends.base.BATCH_BUCKETS
+    for batch in (3, 4, 3):
+        inputs = tuple(t.cuda() for t in graph.example_inputs(batch, seed=batch))
+        assert _max_err(graphed(*inputs), plain(*inputs)) <= 1e-5

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+import signal
+import subprocess
+import sys
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from engine.avatar.default import default_portrait
-from engine.media import MediaError, Mp4Writer, read_audio
+from engine.media import MediaError, VideoWriter, read_audio
 from streaming.cli import main
 
 SR = 16_000
@@ -173,7 +178,7 @@ def test_avatar_and_image_together_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_writer_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     out = tmp_path / "v.mp4"
-    with pytest.raises(RuntimeError, match="boom"), Mp4Writer(out, 25, 16) as w:
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(out, 25, 16) as w:
         w.video(np.zeros((16, 16, 3), np.uint8))
         raise RuntimeError("boom")
     assert leftovers(tmp_path) == []
@@ -192,3 +197,155 @@ def test_read_audio_formats(tmp_path: Path) -> None:
 def _write_wav_48k(path: Path) -> Path:
     write_wav(path, 0.5, rate=48_000, channels=2)
     return path
+
+
+def test_input_rate_and_channels_are_kept(tmp_path: Path) -> None:
+    """48 kHz stereo in, 48 kHz stereo AAC out (the session itself runs on 16 kHz mono)."""
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 1.0, rate=48_000, channels=2)
+    out = tmp_path / "talk.mp4"
+    result = run(["--audio", str(wav), "--out", str(out), "--no-paste-back"])
+    assert result.exit_code == 0, result.output
+    info = probe(out)
+    assert info["audio_rate"] == 48_000 and info["frames"] == 25
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.channels == 2
+    assert abs(info["audio_s"] - 1.0) < 0.05
+
+
+def test_output_extension_is_honoured_or_refused(tmp_path: Path) -> None:
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 0.4)
+    result = run(["--audio", str(wav), "--out", str(tmp_path / "talk.avi")])
+    assert result.exit_code != 0 and "cannot write .avi" in result.output and ".mp4, .mov, .mkv" in result.output
+    assert not list(tmp_path.glob("*talk*"))
+    result = run(["--audio", str(wav), "--out", str(tmp_path / "talk.mov"), "--no-paste-back"])
+    assert result.exit_code == 0, result.output
+    with av.open(str(tmp_path / "talk.mov")) as c:
+        assert "mov" in c.format.name
+
+
+def test_output_permissions_follow_the_umask(tmp_path: Path) -> None:
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 0.4)
+    previous = os.umask(0o022)
+    try:
+        result = run(["--audio", str(wav), "--out", str(tmp_path / "talk.mp4"), "--no-paste-back"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "talk.mp4").stat().st_mode & 0o777 == 0o644
+
+
+def test_empty_audio_file_is_one_clear_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    result = run(["--audio", str(empty), "--out", str(tmp_path / "talk.mp4")])
+    assert result.exit_code != 0
+    assert f"{empty}: the file is empty (0 bytes)" in result.output and "Errno" not in result.output
+
+
+ENGINE = [sys.executable, "-m", "streaming.cli"]
+
+
+def test_sigterm_during_a_render_leaves_no_partial_file(tmp_path: Path, engine_home: Path) -> None:
+    wav = tmp_path / "long.wav"
+    write_wav(wav, 60.0)
+    out = tmp_path / "talk.mp4"
+    env = {**os.environ, "AVATAR_ENGINE_HOME": str(engine_home)}
+    subprocess.run([*ENGINE, "avatar", "show", "default"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [*ENGINE, "render", "--no-progress", "--audio", str(wav), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".talk-*.part")):  # the render has started writing
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "render stopped by SIGTERM; nothing was written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p != engine_home) == ["long.wav"]
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # a "disk" with 60 kB of room for a file
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past it fail with EFBIG instead of killing us
+
+
+def test_output_that_does_not_fit_is_one_clear_line(tmp_path: Path, engine_home: Path) -> None:
+    wav = tmp_path / "in.wav"
+    write_wav(wav, 3.0)
+    out = tmp_path / "talk.mp4"
+    env = {**os.environ, "AVATAR_ENGINE_HOME": str(engine_home)}
+    # the default avatar is stored on first use: store it now, so only the video meets the limit
+    subprocess.run([*ENGINE, "avatar", "show", "default"], env=env, check=True, capture_output=True)
+    done = subprocess.run(
+        [*ENGINE, "render", "--no-progress", "--audio", str(wav), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_file_size,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "does not fit on the disk" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p != engine_home) == ["in.wav"]
+
+
+def _rss_mb_while_rendering(wav: Path, out: Path, env: dict[str, str]) -> float:
+    """Median resident memory of ``engine render`` over 4 s after it started writing the video (then it is
+    stopped). Transient tensors make single readings jump by ~100 MB; the median is steady."""
+    proc = subprocess.Popen(
+        [*ENGINE, "render", "--no-progress", "--audio", str(wav), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob(f".{out.stem}-*.part")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        readings = []
+        for _ in range(20):
+            time.sleep(0.2)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            readings.append(float(next(line.split()[1] for line in status.splitlines() if line[:6] == "VmRSS:")))
+        rss = float(np.median(readings)) / 1024
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return rss
+
+
+@pytest.mark.slow
+def test_render_memory_does_not_grow_with_the_input(tmp_path: Path, engine_home: Path) -> None:
+    """A 10-minute 48 kHz stereo input costs the render no more memory than a 20-second one: the file is read,
+    rendered and encoded a second at a time (reading it whole cost ~300 MB more: 230 MB as float32 alone)."""
+    env = {**os.environ, "AVATAR_ENGINE_HOME": str(engine_home)}
+    subprocess.run([*ENGINE, "avatar", "show", "default"], env=env, check=True, capture_output=True)
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    write_wav(short, 20.0, rate=48_000, channels=2)
+    with wave.open(str(long), "wb") as w:  # written a minute at a time: the test itself stays small
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(48_000)
+        t = np.arange(60 * 48_000) / 48_000
+        minute = (0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2")
+        for _ in range(10):
+            w.writeframes(np.repeat(minute[:, None], 2, axis=1).tobytes())
+    rss_short = _rss_mb_while_rendering(short, tmp_path / "a.mp4", env)
+    rss_long = _rss_mb_while_rendering(long, tmp_path / "b.mp4", env)
+    print(f"\nRSS while rendering: 20 s input {rss_short:.0f} MB, 10 min input {rss_long:.0f} MB")
+    assert rss_long - rss_short < 120.0

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from engine.avatar.default import default_avatar, default_portrait
 from engine.avatar.record import Avatar
 from engine.avatar.store import AvatarStore
-from engine.media import Mp4Writer
+from engine.media import VideoWriter
 from streaming.cli import main
 from streaming.transports.offline import crop_is_photo
 
@@ -106,7 +106,7 @@ def test_writer_pads_odd_sides_by_replicating(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     frame = np.repeat(np.repeat(rng.integers(0, 255, (5, 9, 3), dtype=np.uint8), 8, 0), 8, 1)[:39, :71]
     out = tmp_path / "odd.mp4"
-    with Mp4Writer(out, 25, (71, 39)) as w:
+    with VideoWriter(out, 25, (71, 39)) as w:
         assert (w.width, w.height) == (72, 40)
         for _ in range(3):
             w.video(frame)
