@@ -17,9 +17,10 @@ their thickness. The lower lip itself follows the skin halfway to the chin, foun
 search in the head-aligned frame (Lucas-Kanade slides sideways along the lip's horizontal edges there: tens of
 pixels on a smiling mouth), and the chin follows that skin when its own edge is lost (on a dark collar).
 Measured on classic renders of ``skimage.data.astronaut()`` with a known motion (``tests/engine/train``): the lower
-lip, chin and below-lip keypoints follow the rendered displacement with slopes 0.93, 1.10 and 0.98 (correlations
-0.997-0.998; Grace Hopper's photo: 0.76, 0.92, 0.81). A 256 crop with a 21-pixel window averaged the lips with
-the still cheeks (slopes 0.3-0.5), and the backward check on the mouth rejected most of its motion (0.06-0.5).
+lip, chin and below-lip keypoints follow the rendered displacement with slopes 0.98, 1.16 and 1.03 (correlations
+0.988-0.999), the head's roll and translation with slopes 0.94 and 1.01. A 256 crop with a 21-pixel window
+averaged the lips with the still cheeks (slopes 0.3-0.5), and the backward check on the mouth rejected most of
+its motion (0.06-0.5).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from engine.audio.features import LogMelFeatures, log_mel_offline
 from engine.audio.pcm import SAMPLE_RATE, resample
 from engine.avatar.record import Avatar
 from engine.keypoints import keypoints_from_params
-from engine.media import Mp4Writer
+from engine.media import VideoWriter
 from engine.motion.classic import ClassicFeatures, ClassicMotion, ClassicMotionConfig
 from engine.motion.control_schema import ControlState
 from engine.motion.personal import PersonalMotion
@@ -65,7 +65,8 @@ class PlantedStyle:
             ),
             face_size=face,
         )
-        state = dataclasses.replace(ControlState(), emotion=self.emotion, intensity=self.intensity)
+        # ramp_s 0: the planted style holds from the first frame
+        state = dataclasses.replace(ControlState(), emotion=self.emotion, intensity=self.intensity, ramp_s=0.0)
         if has_control:  # the classic stage's own control, once it has one
             state = dataclasses.replace(state, lip_scale=self.lip_scale)
         motion.apply_controls(state)
@@ -127,7 +128,7 @@ def render_frames(avatar: Avatar, audio: np.ndarray, style: PlantedStyle, size: 
 
 
 def write_clip(out: str | Path, frames: np.ndarray, audio: np.ndarray, fps: int = 25) -> Path:
-    with Mp4Writer(out, fps, frames.shape[1]) as writer:
+    with VideoWriter(out, fps, frames.shape[1]) as writer:
         for rgb in frames:
             writer.video(rgb)
         writer.audio(audio)

@@ -8,8 +8,8 @@ correlation well above chance), an avatar without a personal model is refused wi
 Slow (``-m slow``): clips rendered by classic mode with a planted style (lips 1.6x, head sway 2.5x) ->
 ``engine personalize`` (video decoding, mesh tracking, fitting) -> the learned generator's lip amplitude is 1.6x
 the default classic generator's within 15 %, its head-motion statistics match the clips' within 25 %, and an
-untrained model is outside both bounds. Measured: lip slope 1.53; head std (roll, tx, ty) 0.99 deg, 0.022, 0.023
-against the clips' 0.95 deg, 0.026, 0.023; the untrained model: slope 12.3, head 7.0 deg, 0.34, 0.62.
+untrained model is outside both bounds. Measured: lip slope 1.65; head std (roll, tx, ty) 1.02 deg, 0.035, 0.016
+against the clips' 0.93 deg, 0.033, 0.019; the untrained model: slope 12.3, head 7.0 deg, 0.34, 0.62.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ learned from it driving the neural renderer through the runtime."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,8 @@ def test_keypoint_space_extraction_and_neural_personal_motion(tmp_path: Path) ->
             with pytest.raises(PipelineError, match="no personal motion model for the neural renderer"):
                 await runtime.open_session("astro")  # it has none for this space yet
             AvatarStore().save_personal("astro", "keypoints", model.save)
-            session = await runtime.open_session("astro")
+            offline = dataclasses.replace(runtime.config.session, realtime=False)  # every frame, however slow
+            session = await runtime.open_session("astro", config=offline)
             session.push_audio(audio[:8000], 16000)
             session.end_of_stream()
             count = 0

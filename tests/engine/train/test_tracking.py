@@ -2,10 +2,8 @@
 
 A clip of ``skimage.data.astronaut()`` is rendered (192 px) with a known classic motion (lips 1.6x, head sway 2.5x);
 the extracted expression and pose are compared with the motion that drove the renderer. Measured: lower lip
-(keypoint 17) slope 0.93, chin (19) 1.10, below the lower lip (20) 0.98, correlations 0.997-0.998; roll
-correlation 0.996 with slope 0.48 (0.69 at 512 px: the classic warp turns the face less than its keypoints, the
-background weight holds the cheeks), tx correlation 0.90 (3 s show a third of the slow sway) with slope 1.0.
-The bounds below leave room for codec and platform differences.
+(keypoint 17) slope 0.98, chin (19) 1.16, below the lower lip (20) 1.03, correlations 0.988-0.999; roll slope 0.94
+(correlation 0.993), tx slope 1.01 (0.999). The bounds below leave room for codec and platform differences.
 """
 
 from __future__ import annotations
@@ -48,12 +46,12 @@ def test_tracker_recovers_rendered_motion(tmp_path: Path) -> None:
     truth = np.stack([f.params.exp[0, :, :2].numpy() for f in frames]) / fs
     n = min(len(truth), clip.frames)
     measured = (clip.expr - rest_expression(clip))[:n, :, :2]
-    for k, (lo, hi) in {17: (0.8, 1.3), 19: (0.8, 1.35), 20: (0.8, 1.2)}.items():
+    for k, (lo, hi) in {17: (0.8, 1.3), 19: (0.8, 1.4), 20: (0.8, 1.25)}.items():
         t, m = truth[:n, k, 1], measured[:, k, 1]
         slope = np.polyfit(t, m, 1)[0]
         assert np.corrcoef(t, m)[0, 1] > 0.95 and lo < slope < hi, (k, slope)
     roll = np.array([float(f.params.roll[0]) for f in frames])[:n]
     tx = np.array([float(f.params.t[0, 0]) for f in frames])[:n] / fs
     assert np.corrcoef(roll, clip.pose[:n, 2])[0, 1] > 0.95
-    assert np.corrcoef(tx, clip.pose[:n, 3])[0, 1] > 0.8  # 3 s show a third of the 0.09 Hz sway: less signal
-    assert 0.35 < np.polyfit(roll, clip.pose[:n, 2], 1)[0] < 1.1
+    assert np.corrcoef(tx, clip.pose[:n, 3])[0, 1] > 0.9
+    assert 0.7 < np.polyfit(roll, clip.pose[:n, 2], 1)[0] < 1.2
