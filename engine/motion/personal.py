@@ -28,13 +28,13 @@ import torch
 
 from engine.keypoints import NUM_KP, MotionParams, SourceFace
 from engine.motion.base import MotionFrame
+from engine.motion.classic import BLINK_DEPTH
 from engine.motion.control_schema import ControlState, ControlValueError
 from engine.motion.controls import ControllerConfig, MotionControls, default_blink_vector
 from engine.motion.emotion import EMOTIONS, EmotionBank
 from engine.motion.personal_model import AUDIO_DIM, PersonalModel, pool_bands
 
 LEFT_EYE_KP, RIGHT_EYE_KP = (11, 13), (15, 16)  # upper and lower lid keypoints of each eye
-LID_CLOSE = 0.12  # upper-lid travel of a full blink in eye distances (classic mode's)
 
 
 def canonical_axes(kp: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -139,7 +139,7 @@ class PersonalMotion:
         if self.space == "mesh":
             blink = torch.zeros(NUM_KP, 3)
             for upper, lower in ((11, 13), (15, 16)):
-                blink[upper, 1], blink[lower, 1] = LID_CLOSE, -0.005
+                blink[upper, 1], blink[lower, 1] = BLINK_DEPTH, -0.01  # classic mode's own blink
             ctrl = ControllerConfig(fps=cfg.fps, seed=cfg.seed, blink_depth=self.unit, gaze_amplitude=0.0)
         else:
             blink = default_blink_vector()
