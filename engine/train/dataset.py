@@ -84,51 +84,61 @@ def split_of(source: ClipSource, val_fraction: float) -> str:
     return SPLITS[1] if bucket < val_fraction else SPLITS[0]
 
 
-# --- per process state (one tracker / extractor per worker) --------------------------------------------------
-
-_STATE: dict[str, Any] = {}
+# --- per process state (one tracker / extractor per worker process) --------------------------------------------
 
 
-def _init_worker(config: BuildConfig) -> None:
-    torch.set_num_threads(1)  # a worker uses one thread: the parallelism is across processes
-    _init(config)
+@dataclass
+class _Worker:
+    config: BuildConfig
+    tracker: MeshTracker
+    keypoints: KeypointExtractor | None
+    hubert: HubertStreaming | None
+
+    @classmethod
+    def create(cls, config: BuildConfig) -> _Worker:
+        keypoints = None
+        if "keypoints" in config.extract.spaces:
+            nets = liveportrait.load_or_build(Path(config.liveportrait) if config.liveportrait else None)
+            if nets.untrained and not config.allow_untrained:
+                raise ValueError("the keypoints space needs imported LivePortrait weights (engine weights import)")
+            keypoints = KeypointExtractor(nets, config.extract.batch)
+        hubert = HubertStreaming(config.hubert) if config.hubert else None
+        return cls(config, MeshTracker(config=config.extract.tracker), keypoints, hubert)
+
+    def __call__(self, source: ClipSource) -> tuple[ClipSource, Any, str]:
+        """(source, ClipRecord or None, reason when None). Never raises for a bad video."""
+        try:
+            record = extract_clip(source.path, self.config.extract, self.tracker, self.keypoints, self.hubert)
+        except (MediaError, AvatarError) as exc:  # unreadable, no audio, no face, face lost, too short
+            return source, None, str(exc).removeprefix(f"{source.path}: ")
+        except (ValueError, RuntimeError, OSError, MemoryError) as exc:
+            logger.exception("clip %s failed", source.path)
+            return source, None, f"unexpected error: {type(exc).__name__}: {exc}"
+        return source, record, ""
 
 
-def _init(config: BuildConfig) -> None:
-    _STATE["config"] = config
-    _STATE["tracker"] = MeshTracker(config=config.extract.tracker)
-    _STATE["keypoints"] = None
-    if "keypoints" in config.extract.spaces:
-        nets = liveportrait.load_or_build(Path(config.liveportrait) if config.liveportrait else None)
-        if nets.untrained and not config.allow_untrained:
-            raise ValueError("the keypoints space needs imported LivePortrait weights (engine weights import)")
-        _STATE["keypoints"] = KeypointExtractor(nets, config.extract.batch)
-    _STATE["hubert"] = HubertStreaming(config.hubert) if config.hubert else None
+_POOL_WORKER: list[_Worker] = []  # the one worker of a pool process (set by its initializer)
 
 
-def _work(source: ClipSource) -> tuple[ClipSource, Any, str]:
-    """(source, ClipRecord or None, reason when None). Never raises for a bad video."""
-    cfg: BuildConfig = _STATE["config"]
-    try:
-        record = extract_clip(source.path, cfg.extract, _STATE["tracker"], _STATE["keypoints"], _STATE["hubert"])
-    except (MediaError, AvatarError) as exc:  # unreadable, no audio, no face, face lost, too short
-        return source, None, str(exc).removeprefix(f"{source.path}: ")
-    except (ValueError, RuntimeError, OSError, MemoryError) as exc:
-        logger.exception("clip %s failed", source.path)
-        return source, None, f"unexpected error: {type(exc).__name__}: {exc}"
-    return source, record, ""
+def _init_pool_process(config: BuildConfig) -> None:
+    torch.set_num_threads(1)  # the parallelism is across processes
+    _POOL_WORKER.append(_Worker.create(config))
+
+
+def _pool_work(source: ClipSource) -> tuple[ClipSource, Any, str]:
+    return _POOL_WORKER[0](source)
 
 
 def _results(sources: Sequence[ClipSource], config: BuildConfig) -> Iterator[tuple[ClipSource, Any, str]]:
     if config.workers == 1 or len(sources) == 1:
-        _init(config)
+        worker = _Worker.create(config)
         for s in sources:
-            yield _work(s)
+            yield worker(s)
         return
     # spawn: workers start clean (no copied torch / OpenCV thread state from the parent)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(config.workers, len(sources)), initializer=_init_worker, initargs=(config,)) as pool:
-        yield from pool.imap_unordered(_work, sources)
+    with ctx.Pool(min(config.workers, len(sources)), initializer=_init_pool_process, initargs=(config,)) as pool:
+        yield from pool.imap_unordered(_pool_work, sources)
 
 
 def build_dataset(

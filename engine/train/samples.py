@@ -185,7 +185,10 @@ def head_batch(
         pose_x.append(px[use])
         pose_y.append(c.head[use])
     ex, ey, _ = emotion_targets(clips)
-    cat = lambda parts, tail: torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, *tail), np.float32))  # noqa: E731
+
+    def cat(parts: list[np.ndarray], tail: tuple[int, ...]) -> Tensor:
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, *tail), np.float32))
+
     return HeadBatch(
         cat(lip_x, (config.lip_in,)),
         cat(lip_y, (len(LIP), 3)),
