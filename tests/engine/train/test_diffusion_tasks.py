@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -84,3 +87,18 @@ def test_motion_then_adapter(tmp_path: Path) -> None:
     assert float((out(with_adapter, "happy") - out(with_adapter, "sad")).abs().mean()) > 0
     pipeline = build(RuntimeConfig(mode="neural", motion="ditto", motion_weights=str(tmp_path / "adapter")))
     assert not pipeline.motion_untrained
+
+
+@pytest.mark.slow
+def test_eval_of_a_motion_run(tmp_path: Path) -> None:
+    """``engine eval`` on a motion run drives a held-out clip through the neural motion stage (lmd, lip sync)."""
+    clips = [{"frames": 120, "split": "train"} for _ in range(2)] + [{"frames": 40, "split": "val"}]
+    write_keypoint_dataset(tmp_path / "ds", clips, seed=2)
+    config = _config("motion", 10)
+    train(DiffusionTask(Dataset(tmp_path / "ds"), config, "motion"), config, tmp_path / "run")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), str(tmp_path / "ds")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["kind"] == "motion" and metrics["clips"] == 1 and metrics["split"] == "val"
+    assert np.isfinite(metrics["lmd"]) and np.isfinite(metrics["lmd_rest"])
+    assert (tmp_path / "run" / "eval" / "eval.png").is_file()
