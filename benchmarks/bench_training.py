@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,10 @@ def render(work: Path, avatars: dict[str, Avatar], per_avatar: int) -> tuple[dic
             folder.mkdir(parents=True, exist_ok=True)
             audio = speech(PHRASES[i % len(PHRASES)])
             style = PlantedStyle(lip_scale=lip, head_motion=head, seed=i, emotion=emotion)
-            clips[name].append(render_clip(folder / f"{i:03d}.mp4", avatar, audio, style, size=256))
+            path = folder / f"{i:03d}.mp4"
+            if not path.is_file():  # a --work folder of an earlier run keeps its clips
+                render_clip(path, avatar, audio, style, size=256)
+            clips[name].append(path)
             frames += len(audio) // 640
     return clips, {"clips": sum(map(len, clips.values())), "frames": frames, "seconds": time.perf_counter() - start}
 
@@ -140,12 +144,13 @@ def motion_speed(work: Path, steps: int) -> list[dict[str, Any]]:
         keypoint_dataset(ds)
     out = []
     for preset, batch in (("tiny", 16), ("logmel", 4)):
-        config = load_config(None, task="motion", steps=steps, batch=batch, val_every=steps, val_batches=1,
-                             checkpoint_every=10_000, **{"diffusion.preset": preset})  # fmt: skip
-        task = DiffusionTask(Dataset(ds), config, "motion")
-        result = train(task, config, work / f"motion-{preset}")
-        out.append({"preset": preset, "batch": batch, "steps": steps, "steps_per_s": result.steps_per_s,
-                    "windows_per_s": round(result.steps_per_s * batch, 2)})  # fmt: skip
+        for threads in (1, 2):  # on a shared machine two threads can be far slower than one (they spin)
+            config = load_config(None, task="motion", steps=steps, batch=batch, val_every=steps, val_batches=1,
+                                 checkpoint_every=10_000, threads=threads, **{"diffusion.preset": preset})  # fmt: skip
+            task = DiffusionTask(Dataset(ds), config, "motion")
+            result = train(task, config, work / f"motion-{preset}-{threads}", resume=False)
+            speed = {"steps_per_s": result.steps_per_s, "windows_per_s": round(result.steps_per_s * batch, 2)}
+            out.append({"preset": preset, "batch": batch, "threads": threads, "steps": steps, **speed})
     return out
 
 
@@ -170,6 +175,7 @@ def main() -> None:
     print("rendered", record["render"], flush=True)
     for workers in (1, 2):
         out = work / f"ds-w{workers}"
+        shutil.rmtree(out, ignore_errors=True)
         _, seconds = _run(["dataset", "build", str(work / "videos"), "--out", str(out), "--workers", str(workers),
                            "--val-fraction", "0.0", "--no-progress"])  # fmt: skip
         ds = Dataset(out)
@@ -186,7 +192,8 @@ def main() -> None:
         print("personalize", name, record["personalize"][name], flush=True)
 
     ds = work / "ds-w1"
-    common = ["--steps", str(args.heads_steps), "--batch", "256", "--no-progress", "--device", "cpu"]
+    common = ["--steps", str(args.heads_steps), "--batch", "256", "--no-progress", "--device", "cpu", "--threads", "1",
+              "--no-resume"]  # fmt: skip
     _, seconds = _run(["train", "heads", str(ds), "--out", str(work / "heads-1"), *common])
     one = json.loads((work / "heads-1" / "summary.json").read_text())
     record["train_heads_1_process"] = {**one, "wall_s": round(seconds, 2)}

@@ -45,6 +45,7 @@ from engine.weights.checkpoint import CheckpointError
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
+@click.option("--threads", type=click.IntRange(0), default=None, help="CPU threads per process (0: torch's default).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None)
 @click.option(
     "--base",
@@ -65,6 +66,7 @@ def train(
     lr: float | None,
     seed: int | None,
     device: str | None,
+    threads: int | None,
     precision: str | None,
     base: Path | None,
     space: str | None,
