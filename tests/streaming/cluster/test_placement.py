@@ -1,0 +1,73 @@
+"""Placement by capacity and the autoscaling target: pure functions, no Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import ConfigError
+from streaming.cluster.placement import Placement, ReplicaStatus, replicas_for_sessions
+
+
+def replicas(*loads: tuple[int, int]) -> list[ReplicaStatus]:
+    return [ReplicaStatus(f"r{i}", f"http://r{i}", used, cap) for i, (used, cap) in enumerate(loads)]
+
+
+def test_most_headroom_spreads_sessions_two_and_two() -> None:
+    pool = {r.name: r for r in replicas((0, 2), (0, 2))}
+    placed = []
+    for _ in range(4):
+        chosen = Placement().choose(pool.values())
+        assert chosen is not None
+        placed.append(chosen.name)
+        pool[chosen.name] = ReplicaStatus(chosen.name, chosen.url, chosen.sessions + 1, chosen.max_sessions)
+    assert sorted(placed) == ["r0", "r0", "r1", "r1"]
+    assert placed[:2] in (["r0", "r1"], ["r1", "r0"])  # alternates instead of filling one first
+    assert Placement().choose(pool.values()) is None  # every slot held: the caller answers 503
+
+
+def test_pack_fills_the_busiest_replica_first() -> None:
+    chosen = Placement("pack").choose(replicas((1, 4), (3, 4), (0, 4)))
+    assert chosen is not None and chosen.name == "r1"
+    chosen = Placement("most-headroom").choose(replicas((1, 4), (3, 4), (0, 4)))
+    assert chosen is not None and chosen.name == "r2"
+
+
+def test_pending_placements_count_before_the_replica_reports_them() -> None:
+    pool = replicas((0, 2), (1, 2))
+    assert Placement().choose(pool, {"r0": 1}).name in ("r0", "r1")  # type: ignore[union-attr]
+    chosen = Placement().choose(pool, {"r0": 2})
+    assert chosen is not None and chosen.name == "r1"
+    assert Placement().choose(pool, {"r0": 2, "r1": 1}) is None
+
+
+def test_draining_replicas_take_no_new_session() -> None:
+    pool = [ReplicaStatus("a", "http://a", 0, 4, draining=True), ReplicaStatus("b", "http://b", 3, 4)]
+    chosen = Placement().choose(pool)
+    assert chosen is not None and chosen.name == "b"
+    assert Placement().choose(pool[:1]) is None
+
+
+def test_render_load_breaks_ties() -> None:
+    pool = [
+        ReplicaStatus("a", "http://a", 1, 4, render_load=0.9),
+        ReplicaStatus("b", "http://b", 1, 4, render_load=0.2),
+    ]
+    chosen = Placement().choose(pool)
+    assert chosen is not None and chosen.name == "b"
+
+
+def test_bad_policy_and_numbers_are_named() -> None:
+    with pytest.raises(ConfigError, match="unknown placement policy 'random'"):
+        Placement("random")
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        ReplicaStatus("a", "http://a", -1, 2)
+    with pytest.raises(ConfigError, match="sessions_per_replica"):
+        replicas_for_sessions(3, 0, 1, 4)
+
+
+@pytest.mark.parametrize(
+    ("sessions", "per", "lo", "hi", "expected"),
+    [(0, 2, 1, 4, 1), (0, 2, 0, 4, 0), (3, 2, 1, 4, 2), (4, 2, 1, 4, 2), (5, 2, 1, 4, 3), (40, 2, 1, 4, 4)],
+)
+def test_replicas_for_sessions(sessions: int, per: float, lo: int, hi: int, expected: int) -> None:
+    assert replicas_for_sessions(sessions, per, lo, hi) == expected
