@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import ConfigError
+from streaming.cluster.autoscale import LiveSessionsPolicy
 from streaming.cluster.placement import Placement, ReplicaStatus, replicas_for_sessions
 
 
@@ -71,3 +72,24 @@ def test_bad_policy_and_numbers_are_named() -> None:
 )
 def test_replicas_for_sessions(sessions: int, per: float, lo: int, hi: int, expected: int) -> None:
     assert replicas_for_sessions(sessions, per, lo, hi) == expected
+
+
+class _Context:
+    """The attributes of Serve's AutoscalingContext the policy reads."""
+
+    def __init__(self, per_replica: dict[str, float], lo: int = 1, hi: int = 8) -> None:
+        self.aggregated_metrics = {"live_sessions": per_replica}
+        self.capacity_adjusted_min_replicas = lo
+        self.capacity_adjusted_max_replicas = hi
+        self.policy_state: dict = {}
+
+
+def test_autoscaling_follows_live_sessions_not_requests() -> None:
+    policy = LiveSessionsPolicy(sessions_per_replica=1.5)
+    assert policy(_Context({"r1": 2.0, "r2": 2.0}))[0] == 3  # 4 sessions / 1.5 -> 3 replicas
+    assert policy(_Context({"r1": 0.0, "r2": 0.0}))[0] == 1  # idle: down to the minimum
+    assert policy(_Context({"r1": 2.0, "r2": 2.0}, hi=2))[0] == 2
+    wanted, state = policy(_Context({}))
+    assert wanted == 1 and state["live_sessions"] == 0.0
+    with pytest.raises(ValueError, match="sessions_per_replica"):
+        LiveSessionsPolicy(0)
