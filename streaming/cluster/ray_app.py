@@ -14,13 +14,17 @@ belongs to replica X" and its proxy would also carry every websocket message. Th
 replicas' live numbers and forwards to an address it remembers; Serve still owns the replicas' life cycle:
 placement on nodes, health checks, restarts, scaling and graceful shutdown (drain).
 
-Importing this module imports Ray: only ``engine serve --ray`` and ``serve run`` / RayService load it.
+Ray is an optional dependency (``pip install -e ".[ray]"``): this module imports it only where it is used, so
+``engine serve`` loads without it and ``--ray`` can say what to install.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
+import importlib.util
 import logging
 import os
 import threading
@@ -28,10 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 from aiohttp import web
-from ray import serve
-from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
 from engine.config import ConfigError
 from streaming.cluster.autoscale import LIVE_SESSIONS, LiveSessionsPolicy
@@ -46,9 +47,16 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "avatar-engine"
 REGISTRY = "avatar-engine-replicas"
 APP_NAME = "avatar-engine"
+INSTALL_HINT = 'Ray is not installed: pip install -e ".[ray]"'
 
 
-@ray.remote(num_cpus=0)
+def ray_missing() -> str | None:
+    """None when Ray Serve can be imported, else the one line that says what to install."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        return INSTALL_HINT
+    return None
+
+
 class ReplicaRegistry:
     """Where each replica says where it listens (Serve does not expose its replicas' addresses)."""
 
@@ -69,11 +77,20 @@ class ReplicaRegistry:
         return list(self.replicas.values())
 
 
+@functools.cache
+def _registry_actor_class() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=0)(ReplicaRegistry)
+
+
 def registry() -> Any:
     """The cluster's registry actor, created on first use (detached: it outlives the replica that made it)."""
-    return ReplicaRegistry.options(  # type: ignore[attr-defined]
-        name=REGISTRY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote()
+    return (
+        _registry_actor_class()
+        .options(name=REGISTRY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
+        .remote()
+    )
 
 
 def ray_directory() -> Any:
@@ -155,6 +172,9 @@ class EngineReplica:
     def __init__(
         self, runtime: RuntimeConfig, avatar: str | None, server: ServerConfig, host: str, drain_timeout_s: float
     ) -> None:
+        import ray
+        from ray import serve
+
         self.name = serve.get_replica_context().replica_id.unique_id
         self.drain_timeout_s = drain_timeout_s
         self.loop = _LoopThread(f"engine-{self.name}")
@@ -173,7 +193,7 @@ class EngineReplica:
         return runner, port, app
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "url": self.url, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+        return {"name": self.name, "url": self.url, "pid": os.getpid()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {LIVE_SESSIONS: float(self.app[SERVER_KEY].active)}
@@ -184,6 +204,8 @@ class EngineReplica:
 
     def __del__(self) -> None:
         """Serve removes this replica (scale-down, redeploy, shutdown): drain, then close what is left."""
+        import ray
+
         if not hasattr(self, "app"):
             return
         server = self.app[SERVER_KEY]
@@ -238,6 +260,9 @@ def build_app(
     front: FrontDoorConfig | None = None,
 ) -> Any:
     """The Serve application: ``spec.replicas`` engine replicas (or autoscaled on live sessions) + a front door."""
+    from ray import serve
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
     scaling: dict[str, Any]
     if spec.min_replicas is not None and spec.max_replicas is not None:
         policy = AutoscalingPolicy(
@@ -273,12 +298,86 @@ def build_app(
 
 def run(app: Any, name: str = APP_NAME) -> None:
     """Deploy ``app`` on the connected cluster without Serve's HTTP proxies (the front door is the ingress)."""
+    from ray import serve
+
     serve.start(proxy_location="Disabled")
     serve.run(app, name=name, route_prefix=None)
 
 
 def shutdown(name: str = APP_NAME) -> None:
     """Remove the application (replicas drain) and the registry."""
+    import ray
+    from ray import serve
+
     serve.delete(name)
     with contextlib.suppress(ValueError):  # no registry: nothing registered
         ray.kill(ray.get_actor(REGISTRY, namespace=NAMESPACE))
+
+
+# ``serve run streaming.cluster.ray_app:app_builder replicas=2 max_sessions=4`` and a RayService's ``args``:
+# every key is optional; unknown keys are errors (a typo must not silently fall back to a default)
+_ARGS: dict[str, type] = {
+    "mode": str,
+    "motion": str,
+    "weights": str,
+    "motion_weights": str,
+    "device": str,
+    "avatar": str,
+    "token": str,
+    "max_sessions": int,
+    "max_viewers": int,
+    "replicas": int,
+    "min_replicas": int,
+    "max_replicas": int,
+    "sessions_per_replica": float,
+    "num_cpus": float,
+    "num_gpus": float,
+    "drain_timeout_s": float,
+    "port": int,
+    "placement": str,
+}
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The Serve application from ``serve run`` / RayService arguments (strings or JSON values); the token may
+    also come from ``AVATAR_ENGINE_TOKEN``."""
+    return build_app(*parse_args(args))
+
+
+def parse_args(args: dict[str, Any]) -> tuple[RuntimeConfig, str | None, ServerConfig, ClusterSpec]:
+    """What :func:`app_builder` builds from its arguments (ConfigError naming a bad or unknown one)."""
+    unknown = sorted(set(args) - set(_ARGS))
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {unknown}; known: {sorted(_ARGS)}")
+    try:
+        values = {key: _ARGS[key](value) for key, value in args.items()}
+    except ValueError as exc:
+        raise ConfigError(f"bad argument value: {exc}") from exc
+    backend = RuntimeConfig().backend
+    try:
+        runtime = RuntimeConfig(
+            mode=values.get("mode", "auto"),
+            motion=values.get("motion", "auto"),
+            weights=values.get("weights"),
+            motion_weights=values.get("motion_weights"),
+            backend=dataclasses.replace(backend, device=values.get("device", backend.device)),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    server = ServerConfig(
+        token=values.get("token") or os.environ.get("AVATAR_ENGINE_TOKEN") or None,
+        max_sessions=values.get("max_sessions", 4),
+        max_viewers=values.get("max_viewers", 4),
+    )
+    spec = ClusterSpec(
+        replicas=values.get("replicas", 2),
+        min_replicas=values.get("min_replicas"),
+        max_replicas=values.get("max_replicas"),
+        sessions_per_replica=values.get("sessions_per_replica", 1.0),
+        num_cpus=values.get("num_cpus", 1.0),
+        num_gpus=values.get("num_gpus", 0.0),
+        drain_timeout_s=values.get("drain_timeout_s", 60.0),
+        front_port=values.get("port", 8080),
+        placement=values.get("placement", "most-headroom"),
+    )
+    return runtime, values.get("avatar"), server, spec

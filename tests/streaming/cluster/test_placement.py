@@ -7,6 +7,7 @@ import pytest
 from engine.config import ConfigError
 from streaming.cluster.autoscale import LiveSessionsPolicy
 from streaming.cluster.placement import Placement, ReplicaStatus, replicas_for_sessions
+from streaming.cluster.ray_app import parse_args
 
 
 def replicas(*loads: tuple[int, int]) -> list[ReplicaStatus]:
@@ -93,3 +94,19 @@ def test_autoscaling_follows_live_sessions_not_requests() -> None:
     assert wanted == 1 and state["live_sessions"] == 0.0
     with pytest.raises(ValueError, match="sessions_per_replica"):
         LiveSessionsPolicy(0)
+
+
+def test_serve_run_arguments_are_parsed_and_unknown_ones_named() -> None:
+    runtime, avatar, server, spec = parse_args({"mode": "classic", "replicas": "3", "max_sessions": 2, "port": "9000"})
+    assert runtime.mode == "classic" and avatar is None
+    assert server.max_sessions == 2 and spec.replicas == 3 and spec.front_port == 9000 and not spec.autoscaling
+    _, _, _, scaled = parse_args({"min_replicas": 1, "max_replicas": 4, "sessions_per_replica": "1.5"})
+    assert scaled.autoscaling and scaled.sessions_per_replica == 1.5
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['replica'\]"):
+        parse_args({"replica": 2})
+    with pytest.raises(ConfigError, match="bad argument value"):
+        parse_args({"replicas": "two"})
+    with pytest.raises(ConfigError, match="needs both min_replicas and max_replicas"):
+        parse_args({"min_replicas": 1})
+    with pytest.raises(ConfigError, match="unknown renderer"):
+        parse_args({"mode": "cartoon"})
