@@ -70,8 +70,6 @@ def serve_on_ray(
     missing = ray_missing()
     if missing is not None:
         raise click.ClickException(missing)
-    import ray
-
     try:
         spec = ClusterSpec(
             replicas=options["replicas"],
@@ -87,6 +85,8 @@ def serve_on_ray(
         )
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
+    import ray  # optional: checked above
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
