@@ -41,6 +41,7 @@ from streaming.factory import open_engine_factory
 from streaming.pipelines import RuntimeConfig
 from streaming.transports.webrtc import ServerConfig, create_app
 from streaming.transports.webrtc.app import SERVER_KEY
+from streaming.transports.webrtc.config import IceServer
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ _ARGS: dict[str, type] = {
     "drain_timeout_s": float,
     "port": int,
     "placement": str,
+    "ice_servers": str,  # comma-separated, as --ice-server takes them (stun:host:port, turn:USER:PASS@host:port)
 }
 
 
@@ -364,10 +366,12 @@ def parse_args(args: dict[str, Any]) -> tuple[RuntimeConfig, str | None, ServerC
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    ice = tuple(IceServer.parse(url.strip()) for url in values.get("ice_servers", "").split(",") if url.strip())
     server = ServerConfig(
         token=values.get("token") or os.environ.get("AVATAR_ENGINE_TOKEN") or None,
         max_sessions=values.get("max_sessions", 4),
         max_viewers=values.get("max_viewers", 4),
+        ice_servers=ice,
     )
     spec = ClusterSpec(
         replicas=values.get("replicas", 2),

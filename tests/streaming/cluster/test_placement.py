@@ -100,6 +100,8 @@ def test_serve_run_arguments_are_parsed_and_unknown_ones_named() -> None:
     runtime, avatar, server, spec = parse_args({"mode": "classic", "replicas": "3", "max_sessions": 2, "port": "9000"})
     assert runtime.mode == "classic" and avatar is None
     assert server.max_sessions == 2 and spec.replicas == 3 and spec.front_port == 9000 and not spec.autoscaling
+    _, _, turned, _ = parse_args({"ice_servers": "stun:stun.example.net:3478, turn:u:p@turn.example.net:3478"})
+    assert [i.url for i in turned.ice_servers] == ["stun:stun.example.net:3478", "turn:turn.example.net:3478"]
     _, _, _, scaled = parse_args({"min_replicas": 1, "max_replicas": 4, "sessions_per_replica": "1.5"})
     assert scaled.autoscaling and scaled.sessions_per_replica == 1.5
     with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['replica'\]"):
