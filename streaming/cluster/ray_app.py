@@ -28,7 +28,6 @@ import importlib.util
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from aiohttp import web
 
 from engine.config import ConfigError
 from streaming.cluster.autoscale import LIVE_SESSIONS, LiveSessionsPolicy
+from streaming.cluster.drain import drain, stop_admitting
 from streaming.cluster.frontdoor import FrontDoor, FrontDoorConfig, ReplicaRef, create_front_door_app
 from streaming.factory import open_engine_factory
 from streaming.pipelines import RuntimeConfig
@@ -211,17 +211,12 @@ class EngineReplica:
             return
         server = self.app[SERVER_KEY]
         # no new session from now on, whoever asks (the front door also sees the registry's flag)
-        server.slots.limit = 0
+        self.loop.loop.call_soon_threadsafe(stop_admitting, server)
         try:
             ray.get(registry().drain.remote(self.name), timeout=5)
         except Exception:  # the registry may be gone at cluster shutdown; draining goes on regardless
             logger.debug("replica %s could not mark itself draining", self.name)
-        deadline = time.monotonic() + self.drain_timeout_s
-        while server.hosted and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if server.hosted:
-            left = len(server.hosted)
-            logger.warning("replica %s: %d session(s) still open after the drain timeout", self.name, left)
+        self.loop.run(drain(server, self.drain_timeout_s), timeout=self.drain_timeout_s + 10)
         try:
             self.loop.run(self.runner.cleanup(), timeout=15)
         finally:

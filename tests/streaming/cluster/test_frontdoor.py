@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from engine.config import ConfigError
+from streaming.cluster.drain import drain
 from streaming.cluster.frontdoor import FrontDoor, FrontDoorConfig, ReplicaRef, create_front_door_app, static_directory
 from streaming.cluster.metrics import merge_metrics
 from streaming.transports.webrtc import ServerConfig
@@ -187,3 +189,39 @@ def test_front_door_config_names_bad_values() -> None:
         FrontDoorConfig(placement="nearest")
     with pytest.raises(ConfigError, match="poll_interval_s"):
         FrontDoorConfig(poll_interval_s=0)
+
+
+async def test_a_draining_replica_refuses_new_sessions_and_keeps_its_own_until_they_end() -> None:
+    server, replica = await serve(ServerConfig(token=TOKEN, max_sessions=2))
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, headers, answer, pc = await open_whep(http, replica.url)
+            assert status == 201
+            watch = watch_video(pc)  # type: ignore[arg-type]
+            await apply_answer(pc, answer)  # type: ignore[arg-type]
+            await wait_for(lambda: watch.frames >= 2, 20)
+            task = asyncio.create_task(drain(replica.server, timeout_s=20))
+            await asyncio.sleep(0.3)
+            status, refused, _, other = await open_whep(http, replica.url)
+            assert status == 503 and "Retry-After" in refused  # a free slot, but draining: no new session
+            await other.close()  # type: ignore[attr-defined]
+            before = watch.frames
+            await asyncio.sleep(1.0)
+            assert watch.frames - before >= 10 and not task.done()  # its own session still streams meanwhile
+            async with http.delete(f"{replica.url}{headers['Location']}", headers=AUTH) as resp:
+                assert resp.status == 200
+            assert await asyncio.wait_for(task, 5) == 0  # the drain ends when its last session does
+            await watch.stop()
+            await pc.close()  # type: ignore[attr-defined]
+
+            # a session that outlives the timeout is reported, for the caller to close
+            server2, replica2 = await serve(ServerConfig(token=TOKEN, max_sessions=2))
+            status, _, answer, pc2 = await open_whep(http, replica2.url)
+            await apply_answer(pc2, answer)  # type: ignore[arg-type]
+            started = time.monotonic()
+            assert await drain(replica2.server, timeout_s=0.5) == 1
+            assert 0.4 < time.monotonic() - started < 3
+            await pc2.close()  # type: ignore[attr-defined]
+            await server2.close()
+    finally:
+        await server.close()

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -27,7 +28,15 @@ from aiortc import RTCPeerConnection  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from streaming.cluster.ray_app import NAMESPACE, REGISTRY, ClusterSpec, build_app, run, shutdown  # noqa: E402
+from streaming.cluster.ray_app import (  # noqa: E402
+    NAMESPACE,
+    REGISTRY,
+    ClusterSpec,
+    build_app,
+    parse_args,
+    run,
+    shutdown,
+)
 from streaming.pipelines import RuntimeConfig  # noqa: E402
 from streaming.transports.webrtc import ServerConfig  # noqa: E402
 
@@ -198,3 +207,18 @@ async def test_sessions_are_placed_by_capacity_and_survive_a_replica_dying(
             for v in viewers:
                 await v.watch.stop()
                 await v.pc.close()
+
+
+def test_the_kuberay_manifest_is_a_serve_config_our_builder_accepts() -> None:
+    yaml = pytest.importorskip("yaml")
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[3] / "deploy" / "kuberay" / "rayservice.yaml"
+    service = next(yaml.safe_load_all(path.read_text()))
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert config.proxy_location == "Disabled"
+    (app,) = config.applications
+    assert app.import_path == "streaming.cluster.ray_app:app_builder"
+    runtime, _, server, spec = parse_args(app.args)
+    assert runtime.mode == "neural" and spec.num_gpus == 1 and spec.autoscaling
+    assert spec.sessions_per_replica < server.max_sessions  # scale before the last slot is taken
