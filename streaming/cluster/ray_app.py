@@ -112,6 +112,9 @@ class ClusterSpec:
     min_replicas: int | None = None
     max_replicas: int | None = None
     sessions_per_replica: float = 1.0  # autoscaling target (below max_sessions: scale before all are full)
+    upscale_delay_s: float = 10.0  # Serve waits this long on a scale-up decision (its default: 30 s)
+    downscale_delay_s: float = 300.0  # and this long on a scale-down one (sessions come and go in bursts)
+    look_back_period_s: float = 10.0  # live_sessions is averaged over this window
     num_cpus: float = 1.0  # per replica (classic mode: the CPUs one replica's renderer uses)
     num_gpus: float = 0.0  # per replica (neural mode: 1)
     drain_timeout_s: float = 60.0  # scale-down: how long a leaving replica waits for its sessions to end
@@ -134,6 +137,8 @@ class ClusterSpec:
             raise ConfigError(f"need 0 <= min_replicas <= max_replicas >= 1, got {self.min_replicas}")
         if self.num_cpus < 0 or self.num_gpus < 0 or not self.drain_timeout_s > 0:
             raise ConfigError("num_cpus and num_gpus must be >= 0 and drain_timeout_s > 0")
+        if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or not self.look_back_period_s > 0:
+            raise ConfigError("autoscaling delays must be >= 0 and look_back_period_s > 0")
         if not 0 <= self.front_port < 65536:
             raise ConfigError(f"front_port out of range: {self.front_port}")
 
@@ -269,6 +274,10 @@ def build_app(
                 min_replicas=spec.min_replicas,
                 max_replicas=spec.max_replicas,
                 initial_replicas=max(spec.min_replicas, 1),
+                upscale_delay_s=spec.upscale_delay_s,
+                downscale_delay_s=spec.downscale_delay_s,
+                look_back_period_s=spec.look_back_period_s,
+                metrics_interval_s=min(spec.look_back_period_s, 2.0),
                 policy=policy,
             )
         }
@@ -326,6 +335,9 @@ _ARGS: dict[str, type] = {
     "min_replicas": int,
     "max_replicas": int,
     "sessions_per_replica": float,
+    "upscale_delay_s": float,
+    "downscale_delay_s": float,
+    "look_back_period_s": float,
     "num_cpus": float,
     "num_gpus": float,
     "drain_timeout_s": float,
@@ -373,6 +385,9 @@ def parse_args(args: dict[str, Any]) -> tuple[RuntimeConfig, str | None, ServerC
         min_replicas=values.get("min_replicas"),
         max_replicas=values.get("max_replicas"),
         sessions_per_replica=values.get("sessions_per_replica", 1.0),
+        upscale_delay_s=values.get("upscale_delay_s", 10.0),
+        downscale_delay_s=values.get("downscale_delay_s", 300.0),
+        look_back_period_s=values.get("look_back_period_s", 10.0),
         num_cpus=values.get("num_cpus", 1.0),
         num_gpus=values.get("num_gpus", 0.0),
         drain_timeout_s=values.get("drain_timeout_s", 60.0),
