@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class FrontDoorConfig:
     replica_timeout_s: float = 3.0  # a replica that does not answer /health within this is dropped
     request_timeout_s: float = 30.0  # a forwarded request (an offer: the replica gathers ICE candidates)
     client_max_size: int = 256 * 1024
+    ws_max_message: int = 1 << 20  # largest relayed websocket message (the replica's own limit, by default)
+    prune_after_s: float = 10.0  # an id whose session no replica lists any more is forgotten after this age
 
     def __post_init__(self) -> None:
         Placement(self.placement)  # validates the name
@@ -86,7 +89,7 @@ class FrontDoorConfig:
             raise ConfigError("token must be a non-empty string (or None for no authentication)")
         if self.retry_after_s < 1:
             raise ConfigError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
-        for name in ("poll_interval_s", "replica_timeout_s", "request_timeout_s"):
+        for name in ("poll_interval_s", "replica_timeout_s", "request_timeout_s", "prune_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -99,6 +102,8 @@ class FrontDoor:
         self.replicas: dict[str, ReplicaStatus] = {}  # live replicas by name
         self.info: dict[str, Any] = {}  # what the replicas serve (mode, motion, banner...): one replica's /health
         self.owners: dict[str, str] = {}  # every id handed out (session, WHIP/WHEP resource) -> its replica's name
+        self._session_of: dict[str, str] = {}  # that id -> the id of the session it belongs to (itself or watched)
+        self._recorded: dict[str, float] = {}  # when it was handed out (young ids are never pruned)
         self.pending: Counter[str] = Counter()  # sessions being opened on a replica, not yet in its report
         self.counters: dict[str, float] = {
             "sessions_placed_total": 0,
@@ -169,13 +174,37 @@ class FrontDoor:
             for name in set(self.replicas) - set(seen):
                 self._lost(name)
             self.replicas = seen
+            await self._prune()
+
+    def _record(self, sid: str, replica: str, session: str) -> None:
+        self.owners[sid] = replica
+        self._session_of[sid] = session
+        self._recorded[sid] = time.monotonic()
+
+    def _forget(self, sid: str) -> None:
+        self.owners.pop(sid, None)
+        self._session_of.pop(sid, None)
+        self._recorded.pop(sid, None)
+
+    async def _prune(self) -> None:
+        """Forget the ids of sessions that ended without a DELETE through here (a page closed, a peer timed out),
+        so the routing table holds live sessions only."""
+        listed = await self.gather("/sessions")
+        live: dict[str, set[str]] = {}
+        for name, answer in listed.items():
+            if isinstance(answer, dict):
+                live[name] = {str(entry.get("id")) for entry in answer.get("sessions", [])}
+        old = time.monotonic() - self.config.prune_after_s
+        for sid, owner in list(self.owners.items()):
+            if owner in live and self._recorded.get(sid, 0.0) < old and self._session_of.get(sid) not in live[owner]:
+                self._forget(sid)
 
     def _lost(self, name: str) -> None:
         """A replica stopped answering: its sessions died with it, so their ids route nowhere now."""
         self.counters["replicas_lost_total"] += 1
         gone = [sid for sid, owner in self.owners.items() if owner == name]
         for sid in gone:
-            del self.owners[sid]
+            self._forget(sid)
         self.replicas.pop(name, None)
         logger.warning("replica %s is gone; %d session id(s) it owned are dropped", name, len(gone))
 
@@ -225,7 +254,7 @@ class FrontDoor:
             if response.status < 300:
                 sid = _opened_id(response)
                 if sid is not None:
-                    self.owners[sid] = replica.name
+                    self._record(sid, replica.name, sid)
                 self._note(replica, full=False)
                 self.counters["sessions_placed_total"] += 1
             return response
@@ -265,9 +294,9 @@ class FrontDoor:
         if records_new and response.status < 300:
             new = _opened_id(response)
             if new is not None:
-                self.owners[new] = replica.name
+                self._record(new, replica.name, self._session_of.get(sid, sid))
         if request.method == "DELETE" and response.status < 300:
-            self.owners.pop(sid, None)
+            self._forget(sid)
         return response
 
     def authorized(self, request: web.Request) -> bool:
@@ -437,7 +466,7 @@ async def ws_proxy(request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, text=f"the replica refused the websocket: {exc.message}")
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise web.HTTPBadGateway(text=f"the replica that owns session {sid!r} did not answer ({exc})") from exc
-    ws = web.WebSocketResponse(max_msg_size=0, heartbeat=10.0)
+    ws = web.WebSocketResponse(max_msg_size=door.config.ws_max_message, heartbeat=10.0)
     await ws.prepare(request)
 
     async def pump(source: Any, sink: Any) -> None:

@@ -169,6 +169,26 @@ async def test_a_lost_replica_drops_its_ids_and_new_sessions_go_to_the_survivor(
         await pc.close()  # type: ignore[attr-defined]
 
 
+async def test_ids_of_sessions_that_ended_elsewhere_are_forgotten(cluster: Cluster) -> None:
+    cluster.door.config = FrontDoorConfig(token=TOKEN, poll_interval_s=0.2, prune_after_s=0.1)
+    async with aiohttp.ClientSession() as http:
+        status, headers, _, pc = await open_whep(http, cluster.url)
+        assert status == 201
+        sid = headers["Location"].rsplit("/", 1)[1]
+        owner = cluster.door.owners[sid]
+        viewer = await player()
+        async with http.post(f"{cluster.url}/whep/{sid}", data=viewer.localDescription.sdp, headers=POST_SDP) as resp:
+            viewer_id = resp.headers["Location"].rsplit("/", 1)[1]
+        await asyncio.sleep(0.5)
+        assert {sid, viewer_id} <= set(cluster.door.owners)  # live: kept across polls
+        # the session ends on its replica without passing the front door (a page closing, a timeout)
+        async with http.delete(f"{cluster.replicas[owner].url}{headers['Location']}", headers=AUTH) as resp:
+            assert resp.status == 200
+        await wait_for(lambda: sid not in cluster.door.owners and viewer_id not in cluster.door.owners, 5)
+        await viewer.close()
+        await pc.close()  # type: ignore[attr-defined]
+
+
 def test_merge_metrics_labels_every_sample_by_replica_once_per_family() -> None:
     a = "# TYPE avatar_x gauge\navatar_x 1.0\n# TYPE avatar_h histogram\n"
     a += 'avatar_h_bucket{le="0.1"} 2.0\navatar_h_count 2.0\n'
