@@ -299,12 +299,16 @@ class FrontDoor:
             self._forget(sid)
         return response
 
-    def authorized(self, request: web.Request) -> bool:
+    def authorized(self, request: web.Request, allow_query: bool = False) -> bool:
+        """The single server's rule (a bearer header; ``?token=`` only on the websocket), checked here too so a
+        client without the token gets 401 even when every replica is full, as from one server."""
         token = self.config.token
         if token is None:
             return True
         header = request.headers.get("Authorization", "")
         given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not given and allow_query:
+            given = request.query.get("token", "")
         return hmac.compare_digest(given.encode(), token.encode())
 
     def auth_headers(self) -> dict[str, str]:
@@ -381,8 +385,8 @@ def _door(request: web.Request) -> FrontDoor:
     return request.app[FRONT_DOOR_KEY]
 
 
-def _require_token(request: web.Request) -> None:
-    if not _door(request).authorized(request):
+def _require_token(request: web.Request, allow_query: bool = False) -> None:
+    if not _door(request).authorized(request, allow_query):
         raise web.HTTPUnauthorized(text="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -431,14 +435,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def open_session(request: web.Request) -> web.Response:
+    _require_token(request)
     return await _door(request).open_session(request)
 
 
 async def whip_resource(request: web.Request) -> web.Response:
+    _require_token(request)
     return await _door(request).to_owner(request, request.match_info["id"])
 
 
 async def whep_viewer(request: web.Request) -> web.Response:
+    _require_token(request)
     return await _door(request).to_owner(request, request.match_info["session"], records_new=True)
 
 
@@ -455,6 +462,7 @@ async def any_replica(request: web.Request) -> web.Response:
 async def ws_proxy(request: web.Request) -> web.StreamResponse:
     """``/ws?session=ID`` relayed to the replica that owns the session (audio and control are small; media
     itself never comes here). The replica checks the token and answers every message as it would directly."""
+    _require_token(request, allow_query=True)
     door = _door(request)
     sid = request.query.get("session", "")
     replica = door.owner_of(sid)

@@ -79,6 +79,10 @@ async def test_sessions_spread_full_is_503_and_later_requests_reach_the_owner(cl
 
         status, headers, text, extra = await open_whep(http, cluster.url)
         assert status == 503 and headers["Retry-After"] == "7" and "4 session slots of 2 replica(s)" in text
+        # without the token it is 401 first, as from one server
+        sdp = extra.localDescription.sdp  # type: ignore[attr-defined]
+        async with http.post(f"{cluster.url}/whep", data=sdp, headers={"Content-Type": SDP}) as resp:
+            assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
         await extra.close()  # type: ignore[attr-defined]
 
         # media flows between the player and its replica
@@ -97,7 +101,7 @@ async def test_sessions_spread_full_is_503_and_later_requests_reach_the_owner(cl
             await ws.send_str(json.dumps({"emotion": "happy"}))
             reply = json.loads((await ws.receive(timeout=10)).data)
             assert reply["type"] == "ack", reply
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # the replica's own 401 comes back
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(f"{cluster.url}/ws?session={sid}", headers={"Authorization": "Bearer no"})
         assert refused.value.status == 401
         # (unknown ids are 404 before any relay)
