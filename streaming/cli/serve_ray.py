@@ -27,6 +27,7 @@ RAY_OPTION_NAMES = (
     "replica_cpus",
     "replica_gpus",
     "placement",
+    "max_render_load",
     "drain_timeout",
 )
 
@@ -50,6 +51,12 @@ def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True),
         click.option("--replica-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True),
         click.option("--placement", type=click.Choice(POLICIES), default=POLICIES[0], show_default=True),
+        click.option(
+            "--max-render-load",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Send no new session to a replica whose renderer is this busy (1.0 = always rendering).",
+        ),
         click.option(
             "--drain-timeout",
             type=click.FloatRange(min=0, min_open=True),
@@ -82,6 +89,7 @@ def serve_on_ray(
             front_host=host,
             front_port=port,
             placement=options["placement"],
+            max_render_load=options["max_render_load"],
         )
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc

@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 
 from engine.config import ConfigError
 from streaming.cluster.metrics import merge_metrics
-from streaming.cluster.placement import Placement, ReplicaStatus
+from streaming.cluster.placement import Placement, ReplicaStatus, render_load
 from streaming.transports.webrtc.app import CORS_HEADERS, WEB_DIR
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ Discover = Callable[[], Awaitable[list[ReplicaRef]]]
 class FrontDoorConfig:
     token: str | None = None  # bearer token of the cluster: checked here for /sessions and /metrics, and by replicas
     placement: str = "most-headroom"
+    max_render_load: float | None = None  # skip replicas whose renderer is this busy (see placement.render_load)
     retry_after_s: int = 5
     poll_interval_s: float = 1.0  # how often replicas are asked for their live numbers
     replica_timeout_s: float = 3.0  # a replica that does not answer /health within this is dropped
@@ -84,7 +85,7 @@ class FrontDoorConfig:
     prune_after_s: float = 10.0  # an id whose session no replica lists any more is forgotten after this age
 
     def __post_init__(self) -> None:
-        Placement(self.placement)  # validates the name
+        Placement(self.placement, self.max_render_load)  # validates both
         if self.token is not None and not self.token:
             raise ConfigError("token must be a non-empty string (or None for no authentication)")
         if self.retry_after_s < 1:
@@ -98,7 +99,7 @@ class FrontDoor:
     def __init__(self, discover: Discover, config: FrontDoorConfig | None = None) -> None:
         self.discover = discover
         self.config = config or FrontDoorConfig()
-        self.placement = Placement(self.config.placement)
+        self.placement = Placement(self.config.placement, self.config.max_render_load)
         self.replicas: dict[str, ReplicaStatus] = {}  # live replicas by name
         self.info: dict[str, Any] = {}  # what the replicas serve (mode, motion, banner...): one replica's /health
         self.owners: dict[str, str] = {}  # every id handed out (session, WHIP/WHEP resource) -> its replica's name
@@ -162,15 +163,24 @@ class FrontDoor:
             for ref, health in answers:
                 if health is None:
                     continue
+                sessions = int(health.get("sessions", 0))
+                render = health.get("render") or {}
                 seen[ref.name] = ReplicaStatus(
                     name=ref.name,
                     url=ref.url,
-                    sessions=int(health.get("sessions", 0)),
+                    sessions=sessions,
                     max_sessions=int(health.get("max_sessions", 0)),
                     draining=ref.draining or bool(health.get("draining", False)),
+                    render_load=render_load(
+                        sessions,
+                        float(health.get("fps") or 0.0),
+                        float(render.get("render_batch_mean", 0.0)),
+                        float(render.get("render_call_ms", 0.0)),
+                    ),
                 )
                 if not self.info:
-                    self.info = {k: v for k, v in health.items() if k not in ("sessions", "max_sessions", "viewers")}
+                    skip = ("sessions", "max_sessions", "viewers", "render")
+                    self.info = {k: v for k, v in health.items() if k not in skip}
             for name in set(self.replicas) - set(seen):
                 self._lost(name)
             self.replicas = seen
@@ -408,7 +418,13 @@ async def health(request: web.Request) -> web.Response:
             "sessions": sum(r.sessions for r in replicas),
             "max_sessions": sum(r.max_sessions for r in replicas),
             "replicas": [
-                {"name": r.name, "sessions": r.sessions, "max_sessions": r.max_sessions, "draining": r.draining}
+                {
+                    "name": r.name,
+                    "sessions": r.sessions,
+                    "max_sessions": r.max_sessions,
+                    "draining": r.draining,
+                    "render_load": round(r.render_load, 3),
+                }
                 for r in replicas
             ],
         },

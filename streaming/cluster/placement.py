@@ -37,10 +37,13 @@ class Placement:
     ``pack`` fills the busiest replica first (leaves whole replicas idle so scale-down can remove them)."""
 
     policy: str = "most-headroom"
+    max_render_load: float | None = None  # a replica whose renderer is this busy takes no new session (None: off)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown placement policy {self.policy!r}; known: {list(POLICIES)}")
+        if self.max_render_load is not None and not self.max_render_load > 0:
+            raise ConfigError(f"max_render_load must be > 0, got {self.max_render_load}")
 
     def choose(
         self, replicas: Iterable[ReplicaStatus], pending: Mapping[str, int] | None = None
@@ -48,7 +51,12 @@ class Placement:
         """The replica for a new session, or None when every replica is full or draining. ``pending``: sessions
         the front door has sent to a replica that its last report does not count yet (name -> count)."""
         pending = pending or {}
-        free = [(r.headroom - pending.get(r.name, 0), r) for r in replicas if not r.draining]
+        cap = self.max_render_load
+        free = [
+            (r.headroom - pending.get(r.name, 0), r)
+            for r in replicas
+            if not r.draining and (cap is None or r.render_load < cap)
+        ]
         free = [(room, r) for room, r in free if room > 0]
         if not free:
             return None
@@ -60,6 +68,14 @@ class Placement:
 def _reverse(name: str) -> tuple[int, ...]:
     """Ties go to the smallest name (max() over the negated code points) so a choice is reproducible."""
     return tuple(-ord(c) for c in name)
+
+
+def render_load(sessions: int, fps: float, batch_mean: float, call_ms: float) -> float:
+    """The busy fraction of a replica's render worker: the calls per second its sessions need (frames per second
+    over the mean batch) times the mean call time. 1.0 = it renders all the time (later frames repeat)."""
+    if sessions <= 0 or fps <= 0 or batch_mean <= 0 or call_ms <= 0:
+        return 0.0
+    return sessions * fps / batch_mean * call_ms / 1000.0
 
 
 def replicas_for_sessions(total_sessions: float, sessions_per_replica: float, lowest: int, highest: int) -> int:

@@ -37,6 +37,7 @@ from engine.config import ConfigError
 from streaming.cluster.autoscale import LIVE_SESSIONS, LiveSessionsPolicy
 from streaming.cluster.drain import drain, stop_admitting
 from streaming.cluster.frontdoor import FrontDoor, FrontDoorConfig, ReplicaRef, create_front_door_app
+from streaming.cluster.placement import Placement
 from streaming.factory import open_engine_factory
 from streaming.pipelines import RuntimeConfig
 from streaming.transports.webrtc import ServerConfig, create_app
@@ -122,6 +123,7 @@ class ClusterSpec:
     front_port: int = 8080
     front_host: str = "0.0.0.0"
     placement: str = "most-headroom"
+    max_render_load: float | None = None  # the front door skips replicas whose renderer is this busy (None: off)
     extra_actor_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,6 +141,7 @@ class ClusterSpec:
             raise ConfigError("num_cpus and num_gpus must be >= 0 and drain_timeout_s > 0")
         if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or not self.look_back_period_s > 0:
             raise ConfigError("autoscaling delays must be >= 0 and look_back_period_s > 0")
+        Placement(self.placement, self.max_render_load)  # a bad name or cap fails here, not in the front door
         if not 0 <= self.front_port < 65536:
             raise ConfigError(f"front_port out of range: {self.front_port}")
 
@@ -291,7 +294,12 @@ def build_app(
         health_check_timeout_s=10.0,
         **scaling,
     )(EngineReplica).bind(runtime, avatar, server, spec.host, spec.drain_timeout_s)
-    front = front or FrontDoorConfig(token=server.token, placement=spec.placement, retry_after_s=server.retry_after_s)
+    front = front or FrontDoorConfig(
+        token=server.token,
+        placement=spec.placement,
+        max_render_load=spec.max_render_load,
+        retry_after_s=server.retry_after_s,
+    )
     door = serve.deployment(
         name="FrontDoor",
         num_replicas=1,
@@ -343,6 +351,7 @@ _ARGS: dict[str, type] = {
     "drain_timeout_s": float,
     "port": int,
     "placement": str,
+    "max_render_load": float,
     "ice_servers": str,  # comma-separated, as --ice-server takes them (stun:host:port, turn:USER:PASS@host:port)
 }
 
@@ -393,5 +402,6 @@ def parse_args(args: dict[str, Any]) -> tuple[RuntimeConfig, str | None, ServerC
         drain_timeout_s=values.get("drain_timeout_s", 60.0),
         front_port=values.get("port", 8080),
         placement=values.get("placement", "most-headroom"),
+        max_render_load=values.get("max_render_load"),
     )
     return runtime, values.get("avatar"), server, spec

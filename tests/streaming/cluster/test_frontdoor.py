@@ -134,6 +134,7 @@ async def test_sessions_spread_full_is_503_and_later_requests_reach_the_owner(cl
             health = await resp.json()
         assert health["sessions"] == 4 and health["max_sessions"] == 4 and health["mode"] == "classic"
         assert sorted(r["name"] for r in health["replicas"]) == ["a", "b"]
+        assert all(r["render_load"] >= 0 for r in health["replicas"]) and "render" not in health
         async with http.get(f"{cluster.url}/sessions") as resp:
             assert resp.status == 401
         async with http.get(f"{cluster.url}/sessions", headers=AUTH) as resp:

@@ -6,7 +6,7 @@ import pytest
 
 from engine.config import ConfigError
 from streaming.cluster.autoscale import LiveSessionsPolicy
-from streaming.cluster.placement import Placement, ReplicaStatus, replicas_for_sessions
+from streaming.cluster.placement import Placement, ReplicaStatus, render_load, replicas_for_sessions
 from streaming.cluster.ray_app import parse_args
 
 
@@ -56,6 +56,20 @@ def test_render_load_breaks_ties() -> None:
     ]
     chosen = Placement().choose(pool)
     assert chosen is not None and chosen.name == "b"
+
+
+def test_a_saturated_renderer_takes_no_new_session_when_capped() -> None:
+    # 2 sessions at 25 fps, batches of 1, 30 ms a call: 50 calls/s x 30 ms = busy 1.5 s per second
+    assert render_load(2, 25, 1.0, 30.0) == pytest.approx(1.5)
+    assert render_load(2, 25, 2.0, 30.0) == pytest.approx(0.75)  # batching halves the calls
+    assert render_load(0, 25, 1.0, 30.0) == 0.0
+    busy = ReplicaStatus("a", "http://a", 1, 8, render_load=1.2)
+    calm = ReplicaStatus("b", "http://b", 3, 4, render_load=0.4)
+    assert Placement().choose([busy, calm]) is busy  # uncapped: more free slots wins
+    assert Placement(max_render_load=0.9).choose([busy, calm]) is calm
+    assert Placement(max_render_load=0.3).choose([busy, calm]) is None
+    with pytest.raises(ConfigError, match="max_render_load"):
+        Placement(max_render_load=0)
 
 
 def test_bad_policy_and_numbers_are_named() -> None:
@@ -112,3 +126,5 @@ def test_serve_run_arguments_are_parsed_and_unknown_ones_named() -> None:
         parse_args({"min_replicas": 1})
     with pytest.raises(ConfigError, match="unknown renderer"):
         parse_args({"mode": "cartoon"})
+    with pytest.raises(ConfigError, match="max_render_load must be > 0"):
+        parse_args({"max_render_load": "-1"})
