@@ -13,6 +13,7 @@ import click
 
 from engine.config import ConfigError
 from streaming.cli.options import RUNTIME_OPTION_NAMES, runtime_config, runtime_options
+from streaming.cli.serve_ray import RAY_OPTION_NAMES, ray_options, serve_on_ray
 from streaming.factory import EngineFactoryError, open_engine_factory
 from streaming.session import SessionConfig
 from streaming.transports.webrtc import ServerConfig, create_app
@@ -69,8 +70,10 @@ def _is_loopback(host: str) -> bool:
     show_default=True,
     help="Latency budget: frame periods allowed for motion and rendering (slower frames repeat the last picture).",
 )
+@ray_options
 def serve(
     webrtc: bool,
+    use_ray: bool,
     host: str,
     port: int,
     avatar: str | None,
@@ -87,8 +90,8 @@ def serve(
     Mic-to-frame latency = jitter + (lookahead + compute frames) / fps: 20 ms + (1 + 2) x 40 ms = 140 ms in
     classic mode by default (the diffusion motion needs a longer lookahead). WHIP publishers (OBS, GStreamer)
     POST to /whip and WHEP players to /whep: see docs/whip-whep.md."""
-    if not webrtc:
-        raise click.UsageError("choose a transport: --webrtc (the only one so far)")
+    if not webrtc and not use_ray:
+        raise click.UsageError("choose a transport: --webrtc, or --ray for engine replicas on Ray (docs/ray.md)")
     if token is None and not _is_loopback(host):
         logger.warning("listening on %s without --token: anyone who can reach it can open sessions", host)
     try:
@@ -105,6 +108,9 @@ def serve(
         raise click.BadParameter(str(exc)) from exc
     session = SessionConfig(jitter_s=jitter_ms / 1000.0, compute_frames=compute_frames)
     config = runtime_config({k: options[k] for k in RUNTIME_OPTION_NAMES}, session=session)
+    if use_ray:
+        serve_on_ray(config, avatar, server_config, host, port, {k: options[k] for k in RAY_OPTION_NAMES})
+        return
 
     async def main() -> None:
         factory = await open_engine_factory(config, avatar)

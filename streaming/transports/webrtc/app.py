@@ -136,6 +136,7 @@ async def health(request: web.Request) -> web.Response:
             "max_sessions": server.config.max_sessions,
             "viewers": viewers,
             **info,
+            "render": server.factory.metrics(),  # the render worker's recent call time and batch: its headroom
         }
     )
 
