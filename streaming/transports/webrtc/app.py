@@ -9,6 +9,8 @@ Routes (``*`` = bearer token required when the server has one):
   ``DELETE /whip/{id}`` * ends the session; ``PATCH`` (trickle ICE) -> 405: candidates are all in the answer.
 - ``GET /ws?session=ID`` *: websocket ingest (binary PCM16 mono 16 kHz, text control JSON).
 - ``GET /metrics`` *: Prometheus text.
+- ``POST /emotions`` *: store an emotion from an uploaded example; ``GET /emotions``: the stored ones
+  (:mod:`streaming.transports.webrtc.emotions`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from aiohttp import web
 from streaming.api import SessionFactory
 from streaming.prometheus import render_metrics, session_totals
 from streaming.transports.webrtc.config import ServerConfig
+from streaming.transports.webrtc.emotions import emotion_handlers
 from streaming.transports.webrtc.peer import OfferError, Peer
 from streaming.transports.websocket import websocket_ingest
 
@@ -233,6 +236,9 @@ def create_app(factory: SessionFactory, config: ServerConfig | None = None) -> w
     app.router.add_route("PATCH", "/whip/{session}", _protected(whip_patch))
     app.router.add_get("/ws", _protected(ws_handler, allow_query=True))
     app.router.add_get("/metrics", _protected(metrics))
+    upload_emotion, list_emotions = emotion_handlers(factory)
+    app.router.add_post("/emotions", _protected(upload_emotion))
+    app.router.add_get("/emotions", list_emotions)
     app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
 
     async def on_cleanup(app: web.Application) -> None:
