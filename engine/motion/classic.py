@@ -14,9 +14,11 @@ emotions are facial action units (``engine.motion.facs``) on every keypoint but 
 renderer fits the head pose to. Live controls: :meth:`ClassicMotion.apply_controls` (``docs/controls.md``).
 
 Stored examples (:mod:`engine.motion.library`, read through a :class:`~engine.motion.library.Watched` loader):
-an emotion with a stored example (``engine emotion add``, landmark-mesh offsets) is shown by its offsets *instead
-of* its action units, with the same intensity, interpolation and region mixing (its upper-face keypoints follow
-``eyes_emotion``, the others ``mouth_emotion``); the others keep their action units, and both add up. A stored
+an emotion with a stored example (``engine emotion add``, landmark-mesh offsets) is shown by the example's offsets
+on the keypoints its landmarks measured *instead of* its action units there, and by its action units on the rest
+(a template landmark fit measures only the mouth, nose and chin: such an example's brows and lids are the action
+units'); with the same intensity, interpolation and region mixing (its upper-face keypoints follow
+``eyes_emotion``, the others ``mouth_emotion``). Emotions without an example keep their action units. A stored
 reference clip (``engine avatar reference``) gives ``head_pose: reference`` (its head-pose trajectory, estimated
 from its landmarks by ``solvePnP``) and ``emotion_source: reference`` (its typical expression).
 """
@@ -39,7 +41,7 @@ from engine.motion import facs
 from engine.motion.base import MotionFrame
 from engine.motion.control_schema import ControlState, ControlValueError
 from engine.motion.emotion import EMOTIONS as EMOTION_NAMES
-from engine.motion.library import ClassicStored, MeshReference, Watched
+from engine.motion.library import ClassicStored, MeshOffsets, MeshReference, Watched
 from engine.motion.smoothing import KalmanConfig, KalmanFilter, OneEuroConfig, OneEuroFilter
 from engine.render.classic_mesh import LID_REF_GAP
 
@@ -248,7 +250,7 @@ class ClassicMotion:
         self._phases = np.random.default_rng([cfg.seed, 0]).uniform(0, 2 * math.pi, size=6)
         self._blink_rng = np.random.default_rng([cfg.seed, 1])
         self._gaze_rng = np.random.default_rng([cfg.seed, 2])
-        self._emotions: dict[str, np.ndarray] = {}
+        self._emotions: dict[str, MeshOffsets] = {}
         self._missing: dict[str, str] = {}
         self._reference: MeshReference | None = None
         self._no_reference = "no reference clip is stored for this avatar (engine avatar reference AVATAR --clip VIDEO)"
@@ -387,7 +389,12 @@ class ClassicMotion:
                 if name == REFERENCE and self._reference is not None:
                     stored += w * np.asarray(self._reference.emotion, np.float64) * kp_mask
                 elif name in self._emotions:
-                    stored += w * self._emotions[name] * kp_mask
+                    example = self._emotions[name]
+                    unmeasured = np.ones((NUM_KP, 1))
+                    unmeasured[list(example.measured)] = 0.0
+                    # the example where it measured the face, the emotion's action units elsewhere
+                    region_aus = facs.emotion_vector(name) * au_mask
+                    stored += w * (example.offsets * kp_mask + facs.offsets(region_aus) * unmeasured)
                 else:
                     aus += w * facs.emotion_vector(name) * au_mask
         return aus * s.intensity, stored * s.intensity

@@ -230,7 +230,7 @@ class MotionControls:
         n = self.config.blink_frames
         if frame >= self._next_blink:
             self._blink_start = frame
-            self._next_blink = self._draw_blink_gap(frame + n)
+            self._next_blink = self._draw_blink_gap(frame)
         i = frame - self._blink_start
         return math.sin(math.pi * (i + 0.5) / n) if 0 <= i < n else 0.0
 

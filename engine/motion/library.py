@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -444,7 +444,8 @@ def keypoint_bank(library: MotionLibrary, avatar: str, source: SourceFace, weigh
         else:
             missing[name] = (
                 f"its stored example ({found[0].source}) was made with renderer weights "
-                f"{found[0].keypoints.weights_id!r}, this renderer runs {weights_id!r}: add it again ({_add_hint(name)})"
+                f"{found[0].keypoints.weights_id!r}, this renderer runs {weights_id!r}: "
+                f"add it again ({_add_hint(name)})"
             )
     stored_neutral = examples["neutral"].delta if "neutral" in examples else None
     offsets: dict[str, torch.Tensor] = {}
@@ -511,10 +512,15 @@ def mesh_offsets(shape: np.ndarray, neutral: np.ndarray, measured: tuple[int, ..
     return out
 
 
+class MeshOffsets(NamedTuple):
+    offsets: np.ndarray  # [21, 2] inter-ocular units, zero off the measured keypoints
+    measured: tuple[int, ...]  # the keypoints the example's landmarks measured (the rest is not evidence)
+
+
 def mesh_emotions(
     library: MotionLibrary, avatar: str, portrait: np.ndarray | None
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``(pure offsets [21, 2] per emotion with a stored example, why the others have none)`` for classic motion.
+) -> tuple[dict[str, MeshOffsets], dict[str, str]]:
+    """``(pure offsets per emotion with a stored example, why the others have none)`` for classic motion.
     ``portrait``: the avatar's own aligned shape ``[21, 2]``, the neutral reference of last resort."""
     shapes: dict[str, MeshEmotion] = {}
     missing: dict[str, str] = {}
@@ -530,9 +536,9 @@ def mesh_emotions(
         elif not found:
             missing[name] = f"no stored example ({_add_hint(name)})"
         else:
-            missing[name] = f"its stored example ({found[0].source}) has no 68-point landmarks, which classic mode reads"
+            missing[name] = f"its stored example ({found[0].source}) has no 68-point landmarks for classic mode"
     stored_neutral = shapes.get("neutral")
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, MeshOffsets] = {}
     for name, mesh in shapes.items():
         measured = mesh.measured
         if mesh.neutral is not None:
@@ -547,7 +553,7 @@ def mesh_emotions(
         else:
             missing[name] = "its stored example has no neutral example and the portrait has no landmarks"
             continue
-        out[name] = mesh_offsets(mesh.shape, neutral, measured)
+        out[name] = MeshOffsets(mesh_offsets(mesh.shape, neutral, measured), measured)
     return out, missing
 
 
@@ -557,7 +563,7 @@ def mesh_emotions(
 NeuralStored = tuple[EmotionBank, ReferenceMotion | None, str]
 # classic: (pure offsets [21, 2] per emotion with a stored example, why the others have none, the reference clip or
 # None, why there is none)
-ClassicStored = tuple[dict[str, np.ndarray], dict[str, str], MeshReference | None, str]
+ClassicStored = tuple[dict[str, MeshOffsets], dict[str, str], MeshReference | None, str]
 
 
 def neural_stored(library: MotionLibrary, avatar: str, source: SourceFace, weights_id: str) -> Watched[NeuralStored]:
