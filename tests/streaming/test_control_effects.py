@@ -104,7 +104,8 @@ CLASSIC = [
      {"mouth": 0.3, "background": 0.3}),  # eyes 28.1
     ("blink_rate", s(blink=True, blink_rate=0.0), s(blink=True, blink_rate=2.0), "speech", "default",
      {"eyes": 10.0}, {"mouth": 0.3, "background": 0.3}),
-    ("gaze", s(), s(gaze=True), "speech", "default", {"eyes": 1.0},
+    # the first saccade (seeded hold of 0.94 s) comes at frame 23: only the long clip reaches it
+    ("gaze", s(), s(gaze=True), "long", "default", {"eyes": 1.0},
      {"brows": 0.05, "mouth": 0.05, "background": 0.05}),  # eyes 2.8 (the eyeballs only)
     ("head_pose", s(), s(head_pose="diffusion"), "speech", "default", {"eyes": 5.0}, {"background": 0.3}),  # 16.0
     ("head_pose-reference", s(), s(head_pose="reference"), "speech", "default", {"eyes": 10.0},
