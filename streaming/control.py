@@ -2,7 +2,8 @@
 
 A message is a JSON object: any of the session's control keys (emotion, intensity, lip_scale, pose_mode, ...)
 plus the transport keys ``id`` (echoed back) and ``interrupt`` (true = barge-in). Every message is answered
-with ``{"type": "ack", ...}`` or ``{"type": "error", "message": ...}``; bad input never ends the session.
+with ``{"type": "ack", ...}`` or ``{"type": "error", "message": ...}``; bad input never ends the session. The text
+is checked by :mod:`streaming.wire` (size, UTF-8, nesting depth, strict JSON) before anything reads it.
 """
 
 from __future__ import annotations
@@ -12,22 +13,20 @@ import logging
 from typing import Any
 
 from streaming.api import ControlError, LiveSession
+from streaming.wire import WireError, parse_json_object
 
 logger = logging.getLogger(__name__)
 
 MAX_CONTROL_BYTES = 16 * 1024
+MAX_CONTROL_DEPTH = 8  # controls are flat objects (head_pose may hold a small list); deeper is never valid
 
 
 def handle_control_text(session: LiveSession, text: str | bytes) -> dict[str, Any]:
     """Parse and apply one control message; returns the reply to send (never raises on bad input)."""
-    if len(text) > MAX_CONTROL_BYTES:
-        return _error(None, f"control message too large ({len(text)} bytes, limit {MAX_CONTROL_BYTES})")
     try:
-        message = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _error(None, f"control message is not valid JSON: {exc}")
-    if not isinstance(message, dict):
-        return _error(None, f"control message must be a JSON object, got {type(message).__name__}")
+        message = parse_json_object(text, "control message", MAX_CONTROL_BYTES, MAX_CONTROL_DEPTH)
+    except WireError as exc:
+        return _error(None, str(exc))
     return apply_control(session, message)
 
 

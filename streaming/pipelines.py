@@ -2,8 +2,8 @@
 
 * :data:`RENDERERS`: ``classic`` (weight-free warp of the portrait) and ``neural`` (LivePortrait's warping network
   and decoder, run on a backend from :mod:`export.backends`).
-* :data:`MOTIONS`: ``classic`` (analytic motion from loudness and spectrum) and ``ditto`` (Ditto-compatible LMDM
-  diffusion over sliding windows).
+* :data:`MOTIONS`: ``classic`` (analytic motion from loudness and spectrum), ``ditto`` (Ditto-compatible LMDM
+  diffusion over sliding windows) and ``personal`` (the avatar's own heads, learned by ``engine personalize``).
 
 Each entry says what it needs (imported weights or none), which renderers a motion generator can drive, and
 (through its stage class's ``CONTROLS``) which controls it honours; the CLI's choices and ``/health`` are read from
@@ -25,13 +25,18 @@ from typing import Any
 
 from engine.audio.features import LogMelFeatures
 from engine.audio.hubert import HubertStreaming
+from engine.avatar.image import AvatarError
+from engine.avatar.store import AvatarStore
 from engine.models import liveportrait
 from engine.motion import lmdm
+from engine.motion.adapter import attach_stored_adapter
 from engine.motion.base import FeatureStage, MotionStage
 from engine.motion.classic import ClassicFeatures, ClassicMotion, ClassicMotionConfig
 from engine.motion.control_schema import describe_schema
 from engine.motion.library import MotionLibrary, classic_stored, neural_stored
 from engine.motion.neural import NeuralMotionStage, build_neural_motion
+from engine.motion.personal import PersonalMotion, PersonalMotionConfig
+from engine.motion.personal_model import PersonalModel, PersonalModelError
 from engine.motion.retarget import DEFAULT_EYE_RATIO, Retargeting, open_ratios
 from engine.paths import default_ditto_dir, default_weights_dir
 from engine.render.base import PreparedAvatar, Renderer
@@ -238,6 +243,7 @@ def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[Stag
     hubert: Path | None = None
     if (ditto / RECORD_NAME).is_file():
         denoiser = lmdm.load(ditto)
+        attach_stored_adapter(denoiser, ditto)  # an EAT emotion adapter trained on it (engine train adapter)
         if int(denoiser.config.cond_dim) != lmdm.logmel_cond_dim():
             hubert = lmdm.hubert_onnx_path(ditto)
             if hubert is None:
@@ -282,6 +288,52 @@ def _retargeting(renderer: Renderer, prepared: PreparedAvatar) -> Retargeting | 
     return Retargeting(prepared.source, renderer.nets.eye, renderer.nets.lip, eye, lip)
 
 
+PERSONAL_SPACES = {"classic": "mesh", "neural": "keypoints"}  # renderer -> the motion space its personal model uses
+
+
+def load_personal_model(prepared: PreparedAvatar, renderer_name: str) -> PersonalModel:
+    """The stored personal model of ``prepared``'s avatar for this renderer (raises :class:`PipelineError`)."""
+    avatar = prepared.avatar
+    space = PERSONAL_SPACES[renderer_name]
+    how = f"make one with 'engine personalize CLIP --avatar {avatar.name}'"
+    if avatar.name == "default":  # the drawn portrait is nobody: personalize a stored photo of the person
+        how = (
+            "add the person's photo (engine avatar add PHOTO --name NAME), then 'engine personalize CLIP --avatar NAME'"
+        )
+    store = AvatarStore()
+    try:
+        stored = store.info(avatar.name).content_hash == avatar.content_hash
+        directory = store.personal_dir(avatar.name, space) if stored else None
+    except AvatarError:
+        directory = None
+    if directory is None:
+        raise PipelineError(f"avatar {avatar.name!r} is not a stored avatar, so it has no personal motion model; {how}")
+    if not directory.is_dir():
+        others = store.personal_spaces(avatar.name)
+        extra = f" (it has one for the {', '.join(others)} space)" if others else ""
+        raise PipelineError(
+            f"avatar {avatar.name!r} has no personal motion model for the {renderer_name} renderer ({space} "
+            f"space){extra}; {how}"
+        )
+    try:
+        return PersonalModel.load(directory)
+    except PersonalModelError as exc:
+        raise PipelineError(f"avatar {avatar.name!r}: {exc}; personalize it again") from exc
+
+
+def _build_personal_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[StageFactory, bool]:
+    fps = config.session.fps
+
+    def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
+        model = load_personal_model(prepared, renderer.name)
+        unit = face_size(prepared.source) if renderer.name == "classic" else 1.0
+        features = LogMelFeatures()
+        motion = PersonalMotion(model, prepared.source, features.silence(), unit, PersonalMotionConfig(fps=fps))
+        return features, motion
+
+    return stages, False
+
+
 MOTIONS: dict[str, MotionEntry] = {
     "classic": MotionEntry(
         "analytic jaw, lips, blinks and head sway from loudness and spectrum, no learned weights",
@@ -296,6 +348,13 @@ MOTIONS: dict[str, MotionEntry] = {
         ("neural",),
         NeuralMotionStage.CONTROLS,
         _build_ditto_motion,
+    ),
+    "personal": MotionEntry(
+        "the avatar's own lip, head and emotion heads learned from its clips (engine personalize)",
+        None,
+        ("classic", "neural"),
+        PersonalMotion.CONTROLS,
+        _build_personal_motion,
     ),
 }
 

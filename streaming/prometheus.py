@@ -41,11 +41,13 @@ TRANSPORT: dict[str, tuple[str, str]] = {
     "send_latency_ms": ("video_send_latency_ms", "gauge"),
     "video_sent": ("video_frames_sent_total", "counter"),
     "video_repeated": ("video_frames_repeated_total", "counter"),
+    "picture_lag_ms": ("video_picture_lag_ms", "gauge"),  # mean age of the sent pictures behind their slots
     "video_dropped": ("video_frames_dropped_total", "counter"),
     "audio_frames_sent": ("audio_frames_sent_total", "counter"),
     "audio_late_samples": ("audio_late_samples_total", "counter"),
     "mic_frames": ("mic_frames_total", "counter"),
     "clock_resyncs": ("clock_resyncs_total", "counter"),
+    "viewers": ("session_viewers", "gauge"),  # WHEP viewers beside the peer that opened the session
 }
 
 

@@ -6,6 +6,7 @@ Layout under ``root`` (default: the engine home's ``avatars/``)::
     entries/<sha256>/crop.png           the 512x512 face crop
     entries/<sha256>/meta.json          affine, landmarks, scheme, sizes, how the face was found
     entries/<sha256>/features/<id>.safetensors   F/M outputs for one set of weights
+    entries/<sha256>/personal/<space>/  a personal motion model learned from clips (engine personalize)
     names/<name>                        the name index: a text file holding the entry's sha256
 
 Entries are keyed by the content hash of the photo's bytes, so adding the same photo twice (under any name)
@@ -23,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,27 @@ class AvatarStore:
             raise AvatarError(f"no stored avatar with hash {content_hash}")
         path = entry / "features" / _features_file(weights_id)
         _replace_file(path, lambda p: _write_features(p, weights_id, features))
+
+    def personal_dir(self, name: str, space: str) -> Path:
+        """Where the personal motion model of ``name`` in motion space ``space`` lives (it may not exist)."""
+        if not _NAME.match(space):
+            raise AvatarError(f"invalid motion space name {space!r}")
+        return self._entry(self._require(name)) / "personal" / space
+
+    def personal_spaces(self, name: str) -> tuple[str, ...]:
+        """The motion spaces ``name`` has a personal model for."""
+        root = self._entry(self._require(name)) / "personal"
+        if not root.is_dir():
+            return ()
+        return tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+    def save_personal(self, name: str, space: str, write: Callable[[Path], None]) -> Path:
+        """Write a personal model through ``write(folder)`` and put it in place atomically (replacing the old one);
+        a failed write leaves the old one."""
+        directory = self.personal_dir(name, space)
+        with atomic_directory(directory) as tmp:
+            write(tmp)
+        return directory
 
     def remove(self, name: str) -> None:
         content_hash = self._require(name)

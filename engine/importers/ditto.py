@@ -23,9 +23,11 @@ from engine.motion.lmdm import (
     manifest_entries,
     preset_config,
     read_ditto_record,
+    read_lmdm_store,
     rotary_keys,
 )
 from engine.weights.checkpoint import (
+    RECORD_NAME,
     CheckpointError,
     as_state_dict,
     atomic_directory,
@@ -113,8 +115,26 @@ def _check_onnx(path: Path) -> None:
         raise CheckpointError(f"{path}: not a readable ONNX model ({exc})") from exc
 
 
+def import_engine_store(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy an engine Ditto store (e.g. an ``engine train motion`` run folder) into ``dst``: its record and the
+    files it lists, after checking the denoiser loads."""
+    record = read_ditto_record(src)
+    read_lmdm_store(src)  # keys and shapes checked against the record's config
+    files = {k: str(v) for k, v in record.get("files", {}).items()}
+    with atomic_directory(Path(dst)) as tmp:
+        for name in files.values():
+            if not (src / name).is_file():
+                raise CheckpointError(f"{src}: the record lists {name}, which is missing")
+            shutil.copyfile(src / name, tmp / name)
+        write_record(tmp, {k: v for k, v in record.items() if k != "format"})
+    return record
+
+
 def import_ditto(src: Path, dst: Path) -> dict[str, Any]:
-    """Import the LMDM checkpoint at ``src`` (the ``.pth`` or a folder holding it) into the store ``dst``."""
+    """Import the LMDM checkpoint at ``src`` (the ``.pth`` or a folder holding it, or an engine Ditto store such as
+    a training run) into the store ``dst``."""
+    if Path(src).is_dir() and (Path(src) / RECORD_NAME).is_file():
+        return import_engine_store(Path(src), Path(dst))
     checkpoint = find_lmdm_checkpoint(Path(src))
     state = read_lmdm_checkpoint(checkpoint)
     hubert = find_hubert_onnx(Path(src), checkpoint)

@@ -365,8 +365,10 @@ def hubert_onnx_path(dst: Path) -> Path | None:
 
 def load(dst: Path | None = None) -> MotionDecoder:
     """Denoiser from an engine weight store written by ``engine weights import ditto`` (default: engine home)."""
-    config, state = read_lmdm_store(dst if dst is not None else default_ditto_dir())
+    dst = dst if dst is not None else default_ditto_dir()
+    config, state = read_lmdm_store(dst)
     model = from_config(config)
     model.load_state_dict(state, strict=True)
-    model.untrained = False
+    # a store whose weights are random (a test run built on an untrained preset) says so in its record
+    model.untrained = bool(read_ditto_record(dst).get("untrained", False))
     return model

@@ -22,6 +22,14 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "client": ("streaming.cli.client", "client", "Python client: stream a microphone or WAV to a server."),
     "export": ("streaming.cli.export", "export", "Export models to ONNX / TensorRT."),
     "bench": ("streaming.cli.bench", "bench", "Benchmarks (renderer, backends, lip sync) written as JSON."),
+    "dataset": ("streaming.cli.dataset", "dataset", "Build training datasets of per-frame motion from videos."),
+    "personalize": (
+        "streaming.cli.personalize",
+        "personalize",
+        "Learn a person's lips, head motion and emotions from their clips.",
+    ),
+    "train": ("streaming.cli.train", "train", "Train the heads, an emotion adapter or the motion diffusion."),
+    "eval": ("streaming.cli.eval", "eval_command", "Evaluate a trained run on a dataset's held-out clips."),
 }
 
 

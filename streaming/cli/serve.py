@@ -1,4 +1,4 @@
-"""``engine serve --webrtc``: the browser page, WebRTC (``/offer``), WHIP and the websocket ingest."""
+"""``engine serve --webrtc``: the browser page, WebRTC (``/offer``), WHIP, WHEP and the websocket ingest."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from streaming.factory import EngineFactoryError, open_engine_factory
 from streaming.session import SessionConfig
 from streaming.transports.webrtc import ServerConfig, create_app
 from streaming.transports.webrtc.app import serve_app
+from streaming.transports.webrtc.config import IceServer
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,29 @@ def _is_loopback(host: str) -> bool:
 
 
 @click.command()
-@click.option("--webrtc", is_flag=True, help="Serve over WebRTC (page, /offer, WHIP, websocket ingest).")
+@click.option("--webrtc", is_flag=True, help="Serve over WebRTC (page, /offer, WHIP, WHEP, websocket ingest).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--avatar", default=None, help="Avatar name (default: the built-in default avatar).")
 @runtime_options
 @click.option("--token", envvar="AVATAR_ENGINE_TOKEN", default=None, help="Require this bearer token.")
 @click.option("--max-sessions", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--max-viewers",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="WHEP viewers per session beside the peer that opened it (each viewer encodes its own stream).",
+)
+@click.option(
+    "--ice-server",
+    "ice_servers",
+    multiple=True,
+    metavar="URL",
+    help="STUN/TURN server for the server's peer connections (repeatable): stun:HOST[:PORT] or "
+    "turn:USER:PASSWORD@HOST[:PORT][?transport=udp|tcp]. None by default (host candidates only); handed to WHIP/WHEP "
+    "clients in Link headers.",
+)
 @click.option(
     "--jitter-ms",
     type=click.FloatRange(0, 500),
@@ -59,6 +76,8 @@ def serve(
     avatar: str | None,
     token: str | None,
     max_sessions: int,
+    max_viewers: int,
+    ice_servers: tuple[str, ...],
     jitter_ms: float,
     compute_frames: int,
     **options: Any,
@@ -66,14 +85,22 @@ def serve(
     """Serve live avatar sessions. Open http://HOST:PORT/ in a browser, or use `engine client`.
 
     Mic-to-frame latency = jitter + (lookahead + compute frames) / fps: 20 ms + (1 + 2) x 40 ms = 140 ms in
-    classic mode by default (the diffusion motion needs a longer lookahead)."""
-    """Serve live avatar sessions. Open http://HOST:PORT/ in a browser, or use `engine client`."""
+    classic mode by default (the diffusion motion needs a longer lookahead). WHIP publishers (OBS, GStreamer)
+    POST to /whip and WHEP players to /whep: see docs/whip-whep.md."""
     if not webrtc:
         raise click.UsageError("choose a transport: --webrtc (the only one so far)")
     if token is None and not _is_loopback(host):
         logger.warning("listening on %s without --token: anyone who can reach it can open sessions", host)
     try:
-        server_config = ServerConfig(token=token, max_sessions=max_sessions)
+        ice = tuple(IceServer.parse(url) for url in ice_servers)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ice-server") from exc
+    for kind in ("STUN", "TURN"):
+        if sum(s.is_turn == (kind == "TURN") for s in ice) > 1:
+            # aiortc's ICE agent takes one of each; clients still get every one in the Link headers
+            logger.warning("the server's peer connections use the first %s server only", kind)
+    try:
+        server_config = ServerConfig(token=token, max_sessions=max_sessions, max_viewers=max_viewers, ice_servers=ice)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
     session = SessionConfig(jitter_s=jitter_ms / 1000.0, compute_frames=compute_frames)

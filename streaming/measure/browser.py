@@ -31,7 +31,7 @@ from engine.audio.pcm import resample
 from engine.avatar.default import SIZE, default_landmarks
 from engine.media import write_wav
 from streaming.measure import sync as lipsync
-from streaming.measure.live import classic_server
+from streaming.measure.live import classic_server, server_picture_lag_ms
 from streaming.measure.sync import SyncError, SyncMeasure, measure
 
 MEASURE_JS = """
@@ -267,4 +267,7 @@ async def measure_browser(seconds: float = 10.0, seed: int = 0, workdir: Path | 
         write_wav(wav, resample(audio, lipsync.SAMPLE_RATE, 48_000), 48_000)
         async with classic_server() as url, open_page(f"{url}/?autostart=1", wav, Path(tmp) / "profile") as page:
             data = await record_page(page, seconds)
-    return measure_page_series(data)
+            lag = await server_picture_lag_ms(url)
+    result = measure_page_series(data)
+    result.notes["picture_lag_ms"] = lag
+    return result

@@ -155,6 +155,7 @@ class ReceivedStreams:
         self.audio_arrival: list[float] = []
         self.audio_rate = 48_000
         self.size = 0
+        self.picture_lag_ms: float | None = None  # the server's mean age of the pictures it sent (late, repeated)
 
     async def read_video(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
@@ -219,6 +220,7 @@ async def receive_live(url: str, seconds: float = 10.0, seed: int = 0, tail_s: f
         while not (mic.finished and received.video_pts) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(tail_s)  # the last burst's frames and sound are still on their way
+        received.picture_lag_ms = await server_picture_lag_ms(url)
     finally:
         for task in tasks:
             task.cancel()
@@ -226,6 +228,22 @@ async def receive_live(url: str, seconds: float = 10.0, seed: int = 0, tail_s: f
         await pc.close()
         mic.stop()
     return received
+
+
+async def server_picture_lag_ms(url: str) -> float | None:
+    """The server's mean picture lag (``avatar_video_picture_lag_ms`` in ``/metrics``) of its one open session.
+
+    A picture rendered too late for its slot is shown in a later one and a missing one repeats the last: the mouth
+    then trails its sound by that many slots, which the server reports. Pictures on time add nothing, so the offset
+    a receiver measures, less this lag, is what the timestamps and the pipeline themselves contribute.
+    """
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("avatar_video_picture_lag_ms{")]  # fmt: skip
+    return found[0] if len(found) == 1 else None
 
 
 def measure_received(received: ReceivedStreams, mode: str = "live") -> SyncMeasure:
@@ -240,7 +258,8 @@ def measure_received(received: ReceivedStreams, mode: str = "live") -> SyncMeasu
         raise SyncError(f"received {len(received.video_pts)} video frames and {len(received.audio)} audio frames")
     audio, t0 = _place(received.audio, received.audio_rate)
     result = measure(mode, np.asarray(received.video_pts), np.asarray(received.opening), audio,
-                     received.audio_rate, t0, video_size=received.size)  # fmt: skip
+                     received.audio_rate, t0, video_size=received.size,
+                     picture_lag_ms=received.picture_lag_ms)  # fmt: skip
     # the same by arrival time: each track's pts mapped onto the local clock by its earliest packet
     video_shift = float(np.min(np.asarray(received.video_arrival) - np.asarray(received.video_pts)))
     audio_pts = np.asarray([t for t, _ in received.audio])

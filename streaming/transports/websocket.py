@@ -1,7 +1,10 @@
 """Websocket ingest: ``/ws?session=ID`` feeds PCM16 mono 16 kHz audio and control JSON into a WebRTC session.
 
-The avatar still goes out on that session's WebRTC tracks; the websocket only replaces (or adds to) the
-microphone, e.g. for a telephony bridge or a TTS engine that produces raw PCM.
+The avatar still goes out on that session's WebRTC tracks (or to its WHEP viewers); the websocket only replaces
+(or adds to) the microphone, e.g. for a telephony bridge or a TTS engine that produces raw PCM. Every text message
+is answered (an ack or an error naming the problem, see ``streaming.control``); a message larger than the
+server's ``ws_max_message`` closes the socket with code 1009 (the session itself goes on). A client that hangs up
+mid-stream is logged at debug level.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ async def websocket_ingest(request: web.Request, peers: Mapping[str, Peer]) -> w
             elif msg.type == WSMsgType.ERROR:
                 logger.info("session %s: websocket error %s", peer.name, ws.exception())
                 break
+    except ConnectionError as exc:  # the client hung up while we answered it: expected
+        logger.debug("session %s: websocket closed by the client (%s)", peer.name, exc)
     finally:
         peer.sockets.discard(ws)
     return ws

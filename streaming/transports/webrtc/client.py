@@ -49,6 +49,7 @@ from streaming.transports.webrtc.playout import ClientError, PlayoutClock
 from streaming.transports.webrtc.recorder import SessionRecorder
 from streaming.transports.webrtc.virtual_camera import VIRTUAL_CAMERA_HINT, VirtualCameraSink
 from streaming.transports.webrtc.window import WindowSink
+from streaming.wire import WireError, parse_json_object
 
 __all__ = [
     "PORTAUDIO_HINT",
@@ -78,6 +79,7 @@ MIN_AV_ONSETS = 5
 MIN_AV_FPS = 15.0
 HALVES_AGREE_S = 0.08
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+MAX_REPLY_BYTES = 256 * 1024  # a reply echoes the control state; stats messages are a few KiB
 
 
 # --- audio sources ------------------------------------------------------------------------------------------
@@ -366,10 +368,10 @@ class AvatarClient:
                 return reply
 
     def _on_message(self, message: str | bytes) -> None:
-        try:
-            data = json.loads(message)
-        except ValueError:
-            logger.warning("server sent a non-JSON message")
+        try:  # the server's replies pass the same strict parsing as what it reads from clients
+            data = parse_json_object(message, "server data-channel message", MAX_REPLY_BYTES)
+        except WireError as exc:
+            logger.warning("ignored: %s", exc)
             return
         if data.get("type") == "stats":
             self.report.last_stats = data

@@ -1,4 +1,10 @@
-"""One WebRTC peer: its session, tracks, control channel, websockets and the watchdog that frees it all."""
+"""One WebRTC peer: its session, tracks, control channel, websockets and the watchdog that frees it all.
+
+A peer has a role (``streaming.transports.webrtc.sdp``): ``page`` (``/offer``: sends the avatar, takes a
+microphone), ``whip`` (takes a publisher's voice, sends nothing) or ``whep`` (sends the avatar, takes nothing). The
+avatar it sends comes from a subscriber of the session's fan-out, so a session shown by several peers renders once;
+the peer that opened the session owns it and closes it when it goes.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +20,24 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamTrack
-from aiortc.sdp import SessionDescription
 
 from streaming.api import LiveSession
 from streaming.control import handle_control_text
 from streaming.metrics import VIDEO_STATES
 from streaming.pacing import SessionClock
 from streaming.transports.webrtc.config import ServerConfig
+from streaming.transports.webrtc.fanout import Subscriber
+from streaming.transports.webrtc.sdp import RECEIVES, SENDS, Offer, OfferError, Role, TrickleFragment
 from streaming.transports.webrtc.tracks import (
     SessionAudioTrack,
     SessionVideoTrack,
@@ -37,20 +52,19 @@ CONTROL_CHANNEL = "control"
 WATCHDOG_PERIOD_S = 0.5
 
 
-class OfferError(ValueError):
-    """The client's SDP offer cannot be answered (malformed, or lacking what the avatar needs)."""
+def rtc_configuration(config: ServerConfig) -> RTCConfiguration:
+    """Only the configured STUN/TURN servers: with ``iceServers=None`` aiortc would fall back to a public STUN
+    server and look it up for every session; an empty list means host candidates only."""
+    servers = [RTCIceServer(urls=s.url, username=s.username, credential=s.credential) for s in config.ice_servers]
+    return RTCConfiguration(iceServers=servers)
 
 
-def offer_kinds(sdp: str) -> list[str]:
-    """Media kinds of an offer, in m-line order; raises OfferError when it does not parse."""
-    try:
-        description = SessionDescription.parse(sdp)
-    except Exception as exc:  # aiortc raises a mix of ValueError / IndexError / KeyError on junk
-        raise OfferError(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
-    kinds = [m.kind for m in description.media]
-    if "video" not in kinds:
-        raise OfferError("the SDP offer has no video m-line: the avatar is sent as video")
-    return kinds
+def as_dtls_server(answer_sdp: str) -> str:
+    """Take the DTLS server role (``a=setup:passive``) in our answer. aiortc's DTLS client offers ECDSA cipher
+    suites only, so as the client it cannot connect to a peer whose certificate is RSA (GStreamer's webrtcbin:
+    "no shared cipher"); as the server it presents its own ECDSA certificate, which every WebRTC stack accepts.
+    RFC 5763 lets the answerer pick either role when the offer says ``actpass``."""
+    return answer_sdp.replace("a=setup:active", "a=setup:passive")
 
 
 def _codec_preferences(kind: str, names: tuple[str, ...]) -> list[Any]:
@@ -80,17 +94,33 @@ def _latency_ms(session_metrics: dict[str, float], fallback_ms: float) -> float:
 
 
 class Peer:
-    def __init__(self, session: LiveSession, config: ServerConfig, on_closed: Callable[[Peer], None]) -> None:
+    def __init__(
+        self,
+        session: LiveSession,
+        config: ServerConfig,
+        on_closed: Callable[[Peer], None],
+        role: Role = "page",
+        source: Subscriber | None = None,
+        owns_session: bool = True,
+    ) -> None:
         self.session = session
-        # the id in URLs (WHIP resource, websocket) must not be guessable: session ids are sequential names
+        # the id in URLs (WHIP/WHEP resource, websocket) must not be guessable: session ids are sequential names
         self.id = secrets.token_urlsafe(16)
+        self.etag = f'"{secrets.token_hex(8)}"'  # the ICE session's entity tag (RFC 9725 section 4.3.1)
         self.name = session.id
+        self.role = role
+        self.owns_session = owns_session
         self.config = config
-        self.pc = RTCPeerConnection()
+        self.source = source
+        self.pc = RTCPeerConnection(rtc_configuration(config))
         self.clock = SessionClock()
         self.stats = TrackStats()
-        self.video = SessionVideoTrack(session, self.clock, self.stats, config.max_video_lag_s)
-        self.audio = SessionAudioTrack(session, self.clock, self.stats)
+        # what this peer shows: the fan-out's copy of the session's output (or the session itself, when no
+        # fan-out is given: a peer on its own)
+        media = source if source is not None else session
+        self.video = SessionVideoTrack(media, self.clock, self.stats, config.max_video_lag_s)
+        self.audio = SessionAudioTrack(media, self.clock, self.stats)
+        self.offer: Offer | None = None
         self.created = time.monotonic()
         self.connected_at: float | None = None
         self.closed_reason: str | None = None
@@ -107,25 +137,54 @@ class Peer:
 
     # --- negotiation -------------------------------------------------------------------------------------
 
-    async def answer(self, offer_sdp: str) -> str:
-        """Answer the client's offer (full ICE gathering, no trickle) and start the watchdog."""
-        kinds = offer_kinds(offer_sdp)
+    async def answer(self, offer: Offer) -> str:
+        """Answer the client's (already checked) offer with every local candidate, and start the watchdog."""
+        self.offer = offer
+        audio_line = next(iter(offer.lines("audio")), None)
+        video_line = next(iter(offer.lines("video")), None)
         # aiortc negotiates codecs inside setRemoteDescription, so the transceivers (with their codec
         # preferences) must exist before it; they are matched to the offer's m-lines by kind.
-        video = self.pc.addTransceiver(self.video, direction="sendonly")
-        self._prefer(video, _codec_preferences("video", self.config.video_codecs))
-        if "audio" in kinds:
-            audio = self.pc.addTransceiver(self.audio, direction="sendrecv")
+        if self.role == "whip":
+            # a publisher sends; we answer recvonly and send nothing (the avatar is watched through WHEP)
+            audio = self.pc.addTransceiver("audio", direction="recvonly")
             self._prefer(audio, _codec_preferences("audio", ("opus",)))
-            same_stream(video.sender, audio.sender)
+            if video_line is not None:
+                self.pc.addTransceiver("video", direction="recvonly")
+        else:
+            video = self.pc.addTransceiver(self.video, direction="sendonly")
+            self._prefer(video, _codec_preferences("video", self.config.video_codecs))
+            if audio_line is not None:
+                # the page may send its microphone on the same m-line; a WHEP player only receives
+                wants_mic = self.role == "page" and audio_line.direction in SENDS
+                audio = self.pc.addTransceiver(self.audio, direction="sendrecv" if wants_mic else "sendonly")
+                self._prefer(audio, _codec_preferences("audio", ("opus",)))
+                if audio_line.direction in RECEIVES:
+                    same_stream(video.sender, audio.sender)
         try:
-            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            await self.pc.setLocalDescription(await self.pc.createAnswer())
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            answer = await self.pc.createAnswer()
+            await self.pc.setLocalDescription(RTCSessionDescription(sdp=as_dtls_server(answer.sdp), type="answer"))
         except Exception as exc:  # aiortc signals unusable offers with assorted exception types
             raise OfferError(f"cannot answer the SDP offer: {exc or type(exc).__name__}") from exc
         self._spawn(self._watchdog(), "watchdog")
-        self._spawn(self._push_stats(), "stats")
+        if self._sends_media:
+            self._spawn(self._push_stats(), "stats")
         return self.pc.localDescription.sdp
+
+    @property
+    def _sends_media(self) -> bool:
+        return self.role != "whip"
+
+    async def trickle(self, fragment: TrickleFragment) -> None:
+        """Add the client's trickled ICE candidates (WHIP/WHEP PATCH); OfferError on one aiortc refuses."""
+        for candidate in fragment.candidates:
+            try:
+                await self.pc.addIceCandidate(candidate)
+            except Exception as exc:  # aioice: a candidate after end-of-candidates, or an unusable address
+                raise OfferError(f"cannot add the ICE candidate: {exc or type(exc).__name__}") from None
+        if fragment.end:
+            with contextlib.suppress(ValueError):  # a repeated end-of-candidates changes nothing
+                await self.pc.addIceCandidate(None)
 
     @staticmethod
     def _prefer(transceiver: RTCRtpTransceiver, codecs: list[Any]) -> None:
@@ -148,7 +207,7 @@ class Peer:
             self.request_close(f"connection {state}")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
+        if track.kind == "audio" and self.role != "whep":
             # the watchdog counts the frames it consumes as signs of life
             self._spawn(consume_microphone(track, self.session, self.stats), "microphone")
         else:
@@ -163,12 +222,18 @@ class Peer:
         @channel.on("message")
         def on_message(message: str | bytes) -> None:
             self.touch()
-            self.send_json(handle_control_text(self.session, message))
+            try:
+                self.send_json(handle_control_text(self.session, message))
+            except Exception:  # never let one message stop the channel's event handling
+                logger.exception("session %s: control message failed", self.name)
 
     def send_json(self, message: dict[str, Any]) -> None:
         channel = self._channel
         if channel is not None and channel.readyState == "open":
-            channel.send(json.dumps(message))
+            try:
+                channel.send(json.dumps(message))
+            except (ConnectionError, ValueError) as exc:  # the channel closed under us: the client is gone
+                logger.debug("session %s: cannot send on the control channel: %s", self.name, exc)
 
     # --- background tasks -------------------------------------------------------------------------------
 
@@ -209,13 +274,17 @@ class Peer:
                 return
 
     async def _check_rtcp(self) -> None:
-        """Receiver reports (RTCP RR) about our streams prove the client still receives them."""
+        """RTCP from the client proves it is there: receiver reports about our streams (it still receives them),
+        sender reports about its own (a publisher whose microphone is muted still sends them)."""
         newest = self._last_rtcp
-        for sender in self.pc.getSenders():
+        endpoints: list[Any] = [*self.pc.getSenders(), *self.pc.getReceivers()]
+        for endpoint in endpoints:
             with contextlib.suppress(Exception):
-                report = await sender.getStats()
+                report = await endpoint.getStats()
                 for stat in report.values():
-                    if stat.type == "remote-inbound-rtp" and (newest is None or stat.timestamp > newest):
+                    if stat.type in ("remote-inbound-rtp", "remote-outbound-rtp") and (
+                        newest is None or stat.timestamp > newest
+                    ):
                         newest = stat.timestamp
         if newest is not None and newest != self._last_rtcp:
             self._last_rtcp = newest
@@ -237,18 +306,21 @@ class Peer:
             logger.exception("session %s: metrics() failed", self.name)
             session_metrics = {}
         send_latency_ms = self.stats.send_latency_s * 1000.0
+        fanout_dropped = self.source.video_dropped if self.source is not None else 0
         return {
             "session": self.name,
+            "role": self.role,
             "connection": self.pc.connectionState,
             "fps": round(self.stats.fps(), 2),
             # new pictures per second (what a viewer sees change) and the state of the video
             "video_fps": round(session_metrics.get("fps", 0.0), 2),
             "video_state": VIDEO_STATES[int(session_metrics.get("video_state", 0.0))],
             "video_repeated": self.stats.video_repeated,
+            "picture_lag_ms": round(self.stats.picture_lag_ms(self.session.fps), 1),
             "latency_ms": round(_latency_ms(session_metrics, send_latency_ms), 1),
             "send_latency_ms": round(send_latency_ms, 1),
             "video_sent": self.stats.video_sent,
-            "video_dropped": self.stats.video_dropped,
+            "video_dropped": self.stats.video_dropped + fanout_dropped,
             "audio_frames_sent": self.stats.audio_frames_sent,
             "audio_late_samples": self.stats.audio_late_samples,
             "mic_frames": self.stats.mic_frames,
@@ -284,14 +356,17 @@ class Peer:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.video.stop()
         self.audio.stop()
+        if self.source is not None:
+            self.source.close()  # its end unblocks the senders waiting on frames
         for ws in list(self.sockets):
             with contextlib.suppress(Exception):
                 await ws.close(message=b"session closed")
         # the session first: its buffers are freed now, and its end unblocks the senders waiting on its frames
-        try:
-            await self.session.close()
-        except Exception:
-            logger.exception("session %s: close failed", self.name)
+        if self.owns_session:
+            try:
+                await self.session.close()
+            except Exception:
+                logger.exception("session %s: close failed", self.name)
         # never cut pc.close() short: it stops the receivers' decoder threads, which would otherwise keep the
         # process alive at exit
         try:

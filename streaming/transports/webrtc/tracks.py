@@ -15,6 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import av
 import numpy as np
@@ -22,7 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.audio.pcm import SAMPLE_RATE
 from streaming.api import LiveSession
-from streaming.frames import OutputAudio
+from streaming.frames import OutputAudio, VideoFrame
 from streaming.pacing import SessionClock
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,22 @@ MAX_AUDIO_BUFFER_S = 30.0  # output audio held ahead of the clock; beyond it the
 SESSION_WAIT_S = 0.005  # next_video() took longer than this: the frame was not ready, the session is the slow one
 
 
+class MediaSource(Protocol):
+    """What the tracks read: a live session itself, or one subscriber of its fan-out (streaming.transports.webrtc
+    .fanout), which hands every viewer the frames the session rendered once."""
+
+    async def next_video(self) -> VideoFrame | None: ...
+
+    async def next_audio(self) -> OutputAudio | None: ...
+
+
 @dataclass
 class TrackStats:
     """Transport-side counters of one peer (read by /metrics and the stats pushed to the page)."""
 
     video_sent: int = 0
     video_repeated: int = 0  # sent frames that repeated the previous picture (the session was late)
+    video_lag_frames: int = 0  # sum over sent frames of how many slots old their picture was (late or repeated)
     video_dropped: int = 0
     audio_frames_sent: int = 0
     audio_late_samples: int = 0  # output audio that arrived after its slot was already sent (as silence)
@@ -53,6 +64,11 @@ class TrackStats:
         self._send_times.append(now)
         if created > 0:
             self.send_latency_s = max(0.0, now - created)
+
+    def picture_lag_ms(self, fps: int) -> float:
+        """Mean age of the sent pictures behind their slots (ms): the lip-sync cost of late and repeated pictures,
+        which the viewer sees as the mouth trailing its sound by this much on average."""
+        return 1000.0 * self.video_lag_frames / (self.video_sent * fps) if self.video_sent else 0.0
 
     def fps(self) -> float:
         """Frames sent per second over the last ~2 s."""
@@ -69,7 +85,7 @@ class SessionVideoTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, session: LiveSession, clock: SessionClock, stats: TrackStats, max_lag_s: float) -> None:
+    def __init__(self, session: MediaSource, clock: SessionClock, stats: TrackStats, max_lag_s: float) -> None:
         super().__init__()
         self._session = session
         self._clock = clock
@@ -99,6 +115,7 @@ class SessionVideoTrack(MediaStreamTrack):
             out.time_base = Fraction(1, VIDEO_CLOCK_RATE)
             self._stats.on_video_sent(frame.created)
             self._stats.video_repeated += int(frame.repeated)
+            self._stats.video_lag_frames += frame.lag
             return out
 
 
@@ -111,7 +128,7 @@ class SessionAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, session: LiveSession, clock: SessionClock, stats: TrackStats) -> None:
+    def __init__(self, session: MediaSource, clock: SessionClock, stats: TrackStats) -> None:
         super().__init__()
         self._session = session
         self._clock = clock

@@ -7,7 +7,9 @@ Chromium plays the sound later than the picture: its audio jitter buffer holds m
 (WebAudio output latency, 40 ms here, added). Measured: -70 to -120 ms heard, -30 to -80 ms as processed. That
 is the browser's playout, not the engine's output (aiortc receives the same streams at 0 +- 10 ms), so the test
 asserts (1) the in-page measure agrees within one frame with the delay difference Chromium's own receivers
-report, and (2) the sound is never early by more than ITU-R BT.1359's 45 ms and at most 250 ms late.
+report, and (2) the sound is never early by more than ITU-R BT.1359's 45 ms and at most 250 ms late; both once
+the server's reported picture lag (late or repeated pictures on a busy machine, which the receivers cannot know
+about) is taken out. ``engine bench sync`` records the offsets as measured.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ def test_page_offset_within_detectability_window() -> None:
     print(f"\nchromium page: {result.to_dict()}")
     assert result.video_frames >= 0.7 * 25 * 8, "the page presented the avatar video"
     assert result.correlation > 0.5, "the mouth seen in the page follows the sound heard in the page"
-    assert -250.0 <= result.offset_ms <= 45.0
+    lag = result.notes["picture_lag_ms"]
+    assert lag is not None and lag >= 0.0, "the server reports how old the pictures it sent were"
+    assert -250.0 <= result.offset_ms - lag <= 45.0
     stats = result.notes["stats_offset_ms"]
     assert stats is not None, "the page's getStats gave the receivers' jitter-buffer delays"
-    assert abs(result.notes["processed_offset_ms"] - stats) <= 40.0, "the page measures what its receivers report"
+    processed = result.notes["processed_offset_ms"] - lag
+    assert abs(processed - stats) <= 40.0, "the page measures what its receivers report"
 
 
 def test_page_series_must_hold_enough() -> None:

@@ -151,7 +151,10 @@ async def test_two_consecutive_sessions_under_cpu_load() -> None:
             print(f"\nsession {k} under load: {report.to_json()}\nserver: {json.dumps(snapshot)}")
             # 7 s at 25 fps is 175 slots; under this load the picture may update less often, but it keeps coming
             assert report.video_frames >= 0.5 * 25 * 6, (k, report.video_frames)
-            assert snapshot["video_fps"] > 5.0 or snapshot["session_metrics"]["frames_rendered"] > 50
+            # liveness, not speed: fresh pictures keep coming (the bug this guards froze the video for good), at
+            # least one a second on average; how many a loaded machine renders is benchmarks/bench_load.py's business
+            assert snapshot["session_metrics"]["frames_rendered"] >= 7, snapshot["session_metrics"]
+            assert snapshot["picture_lag_ms"] >= 0.0
             await asyncio.sleep(0.5)  # the session is freed before the next one opens
     finally:
         for p in burners:
