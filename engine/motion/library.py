@@ -47,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from engine.keypoints import EMOTION, NUM_KP, MotionParams, SourceFace
+from engine.motion import facs
 from engine.motion.emotion import EMOTIONS, EmotionBank, ReferenceMotion, emotion_index
 from engine.paths import engine_home
 from engine.render.classic import keypoints_from_landmarks
@@ -493,11 +494,28 @@ def keypoint_reference(clip: ReferenceClip | None, weights_id: str) -> tuple[Ref
 # --- classic (mesh space) -----------------------------------------------------------------------------------------
 
 
+def _reach() -> np.ndarray:
+    """How far ``[21]`` (inter-ocular units) the strongest built-in emotion moves each keypoint at intensity 1, at
+    least 0.02: the range the classic warp is built and tested for (to intensity 1.5) without folding. Contempt,
+    the one one-sided emotion, is left out, so both sides of the face get the same reach."""
+    symmetric = [name for name in EMOTIONS if name != "contempt"]
+    moves = [np.linalg.norm(facs.offsets(facs.emotion_vector(name)), axis=1) for name in symmetric]
+    return np.maximum(np.max(moves, axis=0), 0.02)
+
+
+MESH_REACH = _reach()
+
+
 def mesh_offsets(shape: np.ndarray, neutral: np.ndarray, measured: tuple[int, ...]) -> np.ndarray:
     """Classic keypoint offsets ``[21, 2]`` (inter-ocular units, image axes) that turn ``neutral`` into ``shape``,
     on the measured keypoints only and never on the rigid anchors. An upper lid's y offset is in classic mode's
     lid units (``LID_REF_GAP`` closes any eye): the example's lid gap relative to the neutral one, so a half-closed
-    eye in the example half-closes the avatar's, whatever its own lid gap; the lids' x (gaze) is not transferred."""
+    eye in the example half-closes the avatar's, whatever its own lid gap; the lids' x (gaze) is not transferred.
+
+    Each keypoint's offset is shortened to :data:`MESH_REACH` (as far as the strongest action-unit emotion moves
+    it): an example and a neutral example of different people, or a template landmark fit, differ by face shape as
+    well as expression, and a warp that far folds the face (measured: a smiling astronaut over Grace Hopper's
+    neutral photo moved the mouth corners 0.2 inter-ocular distances, twice a built-in smile, and tore the mouth)."""
     shape = np.asarray(shape, dtype=np.float64)
     neutral = np.asarray(neutral, dtype=np.float64)
     out = np.zeros((NUM_KP, 2))
@@ -509,7 +527,11 @@ def mesh_offsets(shape: np.ndarray, neutral: np.ndarray, measured: tuple[int, ..
             gap_e = shape[lower, 1] - shape[upper, 1]
             if gap_n > 1e-6:
                 out[upper, 1] = float(np.clip((gap_n - gap_e) / gap_n, -0.6, 1.0)) * LID_REF_GAP
-    return out
+    length = np.linalg.norm(out, axis=1, keepdims=True)
+    lids = list(UPPER_LIDS)  # in lid units, bounded above
+    scale = np.minimum(1.0, MESH_REACH[:, None] / np.maximum(length, 1e-12))
+    scale[lids] = 1.0
+    return out * scale
 
 
 class MeshOffsets(NamedTuple):

@@ -8,7 +8,8 @@ Stored examples are made with the real commands (``engine emotion add``, ``engin
 * neural mode (random weights: the picture is noise): the motion stage's expression per keypoint region, which
   must move by at least the margin while every other keypoint stays exactly put, and the picture must change.
 
-The numbers beside each bound are what was measured when it was set (margins about half of them).
+The numbers beside each bound are what was measured when it was set (margins about half of them); all of them are
+in ``docs/controls.md``. The neural cases are marked slow (about 32 s); the classic ones take about 60 s.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ NEURAL = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # the neural cases: ~32 s together (the classic ones stay in the fast suite)
 @pytest.mark.parametrize(("case", "a", "b", "audio", "region", "least"), NEURAL, ids=[c[0] for c in NEURAL])
 async def test_neural_control_moves_its_keypoints(
     case: str, a: dict, b: dict, audio: str, region: tuple[int, ...], least: float, r: Renders
@@ -206,6 +208,7 @@ async def test_neural_control_moves_its_keypoints(
     assert np.abs(ra.rgb - rb.rgb).max() >= 1.0, case  # and the (noise) picture changes
 
 
+@pytest.mark.slow  # the neural cases: ~32 s together (the classic ones stay in the fast suite)
 async def test_neural_head_pose_moves_the_head_only(r: Renders) -> None:
     fixed = await r.run("neural", s())
     for mode, least in (("diffusion", 1.0), ("reference", 0.05)):  # degrees: 14.6 and 0.2 (a random extractor)
@@ -215,6 +218,7 @@ async def test_neural_head_pose_moves_the_head_only(r: Renders) -> None:
         assert np.abs(other.rgb - fixed.rgb).max() >= 1.0, mode
 
 
+@pytest.mark.slow  # the neural cases: ~32 s together (the classic ones stay in the fast suite)
 async def test_neural_stored_emotions_interpolate_and_scale_exactly(r: Renders) -> None:
     base, happy = await r.run("neural", s()), await r.run("neural", s(emotion="happy"))
     surprised = await r.run("neural", s(emotion="surprised"))
@@ -231,6 +235,7 @@ def _roughness(run: Run) -> float:
     return float(np.abs(np.diff(run.exp, n=2, axis=0)).mean())
 
 
+@pytest.mark.slow  # the neural cases: ~32 s together (the classic ones stay in the fast suite)
 async def test_neural_smoothing_filters_the_generated_motion(r: Renders) -> None:
     none = await r.run("neural", s(smoothing="none"))
     for mode in ("one_euro", "kalman"):

@@ -12,6 +12,7 @@ from engine.avatar.default import default_landmarks
 from engine.keypoints import EMOTION, NUM_KP, MotionParams, SourceFace, keypoints_from_params
 from engine.motion.library import (
     ALL_MEASURED,
+    MESH_REACH,
     TEMPLATE_MEASURED,
     EmotionExample,
     KeypointEmotion,
@@ -156,6 +157,19 @@ def test_mesh_offsets_measured_keypoints_anchors_and_lids() -> None:
     template = mesh_offsets(shape, neutral, TEMPLATE_MEASURED)
     assert np.all(template[[1, 2, 11, 15, 18]] == 0)  # a template fit measures no brows or lids
     assert template[6, 1] == pytest.approx(0.05)
+
+
+def test_mesh_offsets_stay_within_the_reach_of_the_built_in_emotions() -> None:
+    neutral = aligned_shape(default_landmarks())
+    shape = neutral.copy()
+    shape[6, 0] -= 0.3  # a mouth corner 0.3 inter-ocular distances out: a wider face, not an expression
+    shape[12, 0] += 0.3
+    shape[17, 1] += 0.05  # the lower lip a little down: within reach, kept as it is
+    out = mesh_offsets(shape, neutral, ALL_MEASURED)
+    # shortened to as far as the strongest built-in emotion moves them (a smile: 0.1), both sides alike
+    assert np.linalg.norm(out[6]) == pytest.approx(MESH_REACH[6]) and MESH_REACH[6] == pytest.approx(MESH_REACH[12])
+    assert 0.05 < MESH_REACH[6] < 0.3 and out[6, 0] < 0 < out[12, 0]  # the direction is kept
+    assert out[17, 1] == pytest.approx(0.05)
 
 
 def test_mesh_emotions_neutral_reference(tmp_path: Path) -> None:
