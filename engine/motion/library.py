@@ -425,7 +425,6 @@ def _add_hint(name: str) -> str:
 def keypoint_bank(library: MotionLibrary, avatar: str, source: SourceFace, weights_id: str) -> EmotionBank:
     """The stored emotions of ``avatar`` as keypoint offsets relative to its portrait (see the module docstring);
     emotions without a usable example are listed in the bank's ``missing`` with the reason."""
-    src = source.params.exp[0].detach().float().cpu().numpy()  # [21, 3] the portrait's own expression
     examples: dict[str, KeypointEmotion] = {}
     missing: dict[str, str] = {}
     for name in EMOTIONS:
@@ -448,6 +447,9 @@ def keypoint_bank(library: MotionLibrary, avatar: str, source: SourceFace, weigh
                 f"{found[0].keypoints.weights_id!r}, this renderer runs {weights_id!r}: "
                 f"add it again ({_add_hint(name)})"
             )
+    if not examples:  # nothing stored: no read-back of the portrait from the device (a session per avatar)
+        return EmotionBank({}, pure={}, missing=missing)
+    src = source.params.exp[0].detach().float().cpu().numpy()  # [21, 3] the portrait's own expression
     stored_neutral = examples["neutral"].delta if "neutral" in examples else None
     offsets: dict[str, torch.Tensor] = {}
     pure: dict[str, torch.Tensor] = {}
