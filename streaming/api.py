@@ -63,6 +63,10 @@ class SessionFactory(Protocol):
 
     async def open_session(self) -> LiveSession: ...
 
+    def preview(self) -> np.ndarray | None:
+        """The avatar at rest, ``[H, W, 3]`` uint8 RGB: what the page shows before a session starts (None: none)."""
+        ...
+
     def metrics(self) -> dict[str, float]:
         """Numbers of what serves the sessions (the render worker: calls, frames, batch size, call time)."""
         ...

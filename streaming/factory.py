@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.avatar.face import FaceLocator
 from engine.config import ConfigError
 from engine.motion.emotion import EMOTIONS
@@ -31,10 +33,17 @@ class EngineFactoryError(RuntimeError):
 class RuntimeFactory:
     """:class:`streaming.api.SessionFactory` backed by a :class:`streaming.runtime.Runtime`."""
 
-    def __init__(self, runtime: Runtime, avatar: str | None, latency_budget_s: float | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        avatar: str | None,
+        latency_budget_s: float | None = None,
+        picture: np.ndarray | None = None,
+    ) -> None:
         self.runtime = runtime
         self.avatar = avatar
         self.latency_budget_s = latency_budget_s
+        self._picture = picture  # [S, S, 3] uint8: the avatar's face crop, which sessions render from
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.runtime.describe())
@@ -90,6 +99,9 @@ class RuntimeFactory:
         session: LiveSession = await self.runtime.open_session(self.avatar)
         return session
 
+    def preview(self) -> np.ndarray | None:
+        return self._picture
+
     def metrics(self) -> dict[str, float]:
         return self.runtime.worker.stats()
 
@@ -105,11 +117,12 @@ async def open_engine_factory(config: RuntimeConfig, avatar: str | None = None) 
     except (PipelineError, BackendError, FileNotFoundError, ValueError, ConfigError, KeyError) as exc:
         raise EngineFactoryError(f"cannot build the runtime: {exc}") from exc
     try:
-        prepared = runtime.prepare(runtime.load_avatar(avatar))
+        record = runtime.load_avatar(avatar)
+        prepared = runtime.prepare(record)
         features, motion = runtime.pipeline.stages(prepared)  # what each session will run: its latency budget
     except Exception as exc:
         await runtime.aclose()
         raise EngineFactoryError(f"cannot load avatar {avatar or 'default'!r}: {exc}") from exc
     session = config.session
     budget = latency_budget_s(session, session.lookahead_frames or stage_lookahead(features, motion, session.fps))
-    return RuntimeFactory(runtime, avatar, budget)
+    return RuntimeFactory(runtime, avatar, budget, picture=record.crop)

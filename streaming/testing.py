@@ -219,6 +219,9 @@ class FakeFactory:
             "emotions": list(EMOTIONS),
         }
 
+    def preview(self) -> np.ndarray | None:
+        return np.full((self.size, self.size, 3), 128, np.uint8)  # the grey the fake sessions start from
+
     def metrics(self) -> dict[str, float]:
         return {"render_calls": float(sum(s._frame for s in self.sessions))}
 

@@ -16,6 +16,7 @@ noise bursts come back quieter; the cross-correlation does not depend on equal b
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import shutil
@@ -130,16 +131,26 @@ class DevTools:
         self._id = 0
 
     async def evaluate(self, expression: str) -> Any:
+        params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
+        result = await self._call("Runtime.evaluate", params)
+        if "exceptionDetails" in result:
+            raise SyncError(f"page script failed: {result['exceptionDetails']}")
+        return result.get("result", {}).get("value")
+
+    async def screenshot(self) -> bytes:
+        """The page as PNG bytes."""
+        return base64.b64decode((await self._call("Page.captureScreenshot", {"format": "png"}))["data"])
+
+    async def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         self._id += 1
-        params = {"expression": expression, "returnByValue": True}
-        await self._ws.send_json({"id": self._id, "method": "Runtime.evaluate", "params": params})
+        await self._ws.send_json({"id": self._id, "method": method, "params": params})
         while True:
             msg = await self._ws.receive_json(timeout=20)
             if msg.get("id") == self._id:
-                result = msg.get("result", {})
-                if "exceptionDetails" in result:
-                    raise SyncError(f"page script failed: {result['exceptionDetails']}")
-                return result.get("result", {}).get("value")
+                if "error" in msg:
+                    raise SyncError(f"DevTools {method} failed: {msg['error']}")
+                found: dict[str, Any] = msg.get("result", {})
+                return found
 
 
 @contextlib.asynccontextmanager

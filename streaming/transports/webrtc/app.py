@@ -5,6 +5,8 @@ Routes (``*`` = bearer token required when the server has one):
 
 - ``GET /``, ``GET /static/*``: the browser page (plain HTML/JS/CSS).
 - ``GET /health``: status, mode, banner, session count (public: the page reads its banner here).
+- ``GET /avatar.png`` * (token also as ``?token=``): the avatar at rest, the page's picture before Start.
+- ``GET /favicon.ico``: the page's icon.
 - ``POST /offer`` *: ``{"sdp", "type": "offer"}`` -> ``{"sdp", "type": "answer", "session", "mode", ...}``.
 - ``POST /whip`` *, ``POST /whep`` *, ``POST /whep/{session}`` * and their resources: see ``whip.py``.
 - ``GET /sessions`` *: the running sessions (id, who opened them, viewers) and where to watch each.
@@ -22,11 +24,14 @@ nothing reaches aiohttp's default error handler. WHIP/WHEP answers carry CORS he
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from aiohttp import web
+from PIL import Image
 
 from streaming.api import SessionFactory
 from streaming.prometheus import render_metrics
@@ -40,6 +45,7 @@ from streaming.wire import WireError, parse_json_object, require_fields
 
 logger = logging.getLogger(__name__)
 
+PREVIEW_KEY = web.AppKey("preview", bytes)  # the avatar at rest as PNG ("": the factory has no picture)
 WEB_DIR = Path(__file__).resolve().parent / "web"
 CORS_PREFIXES = ("/whip", "/whep")
 CORS_HEADERS = {
@@ -97,6 +103,26 @@ async def watch_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(WEB_DIR / "watch.html", headers={"Cache-Control": "no-cache"})
 
 
+async def favicon(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(WEB_DIR / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+
+
+async def avatar_preview(request: web.Request) -> web.Response:
+    png = request.app[PREVIEW_KEY]
+    if not png:
+        raise web.HTTPNotFound(text="this server has no avatar picture to show")
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+def png_bytes(rgb: np.ndarray | None) -> bytes:
+    """``[H, W, 3]`` uint8 RGB -> PNG bytes (b"" for None)."""
+    if rgb is None:
+        return b""
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
 async def sessions(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     return web.json_response({"sessions": server.listing(), "max_sessions": server.config.max_sessions})
@@ -149,8 +175,11 @@ def create_app(factory: SessionFactory, config: ServerConfig | None = None) -> w
     app = web.Application(client_max_size=config.client_max_size, middlewares=[guard])
     server = AvatarServer(factory, config)
     app[SERVER_KEY] = server
+    app[PREVIEW_KEY] = png_bytes(factory.preview())  # once: the avatar does not change while the server runs
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_get("/avatar.png", protected(avatar_preview, allow_query=True))
     app.router.add_get("/watch", watch_page)
     app.router.add_get("/sessions", protected(sessions))
     app.router.add_post("/offer", protected(offer))

@@ -304,6 +304,12 @@ async function start() {
   statsTimer = setInterval(pollStats, 1000);
 }
 
+// the avatar at rest stands in the video box until the stream plays (and again after Stop)
+function showPreview() {
+  const token = $("token").value.trim();
+  $("avatar").poster = "/avatar.png" + (token ? `?token=${encodeURIComponent(token)}` : "");
+}
+
 function stop() {
   if (statsTimer) clearInterval(statsTimer);
   statsTimer = null;
@@ -313,6 +319,7 @@ function stop() {
   }
   pc = null;
   channel = null;
+  $("avatar").srcObject = null;
   $("start").disabled = false;
   $("stop").disabled = true;
   $("interrupt").disabled = true;
@@ -349,6 +356,8 @@ async function refreshHealth() {
 
 async function init() {
   $("token").value = params.get("token") || "";
+  $("token").onchange = showPreview;
+  showPreview();
   $("start").onclick = () => start().catch((err) => { setStatus(`error: ${err}`, true); stop(); });
   $("stop").onclick = stop;
   $("interrupt").onclick = () => sendControl({ interrupt: true });

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from streaming.pipelines import CLASSIC_BANNER
 from streaming.testing import FakeFactory
 from streaming.transports.webrtc import ServerConfig, create_app
 from streaming.transports.webrtc.app import SERVER_KEY
@@ -39,7 +40,7 @@ class Served:
 
 
 async def serve(config: ServerConfig, factory: FakeFactory | None = None) -> tuple[TestServer, Served]:
-    factory = factory or FakeFactory()
+    factory = factory or FakeFactory(banner=CLASSIC_BANNER)
     app = create_app(factory, config)
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()

@@ -7,15 +7,19 @@ launcher ``engine bench sync --mode browser`` uses; the page writes its getStats
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import wave
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
+from engine.avatar.default import default_avatar
 from streaming.factory import open_engine_factory
 from streaming.measure.browser import open_page
 from streaming.pipelines import CLASSIC_BANNER, RuntimeConfig
@@ -130,5 +134,44 @@ async def test_page_with_the_real_classic_runtime(tmp_path: Path) -> None:
             assert first >= 25 and shown_fps >= 15.0, stats
             assert size == [512, 512]
             assert banner == CLASSIC_BANNER
+    finally:
+        await server.close()
+
+
+async def test_page_shows_the_avatar_before_start(tmp_path: Path) -> None:
+    """Before Start the video box shows the served avatar at rest (not a black box), behind the token like the
+    stream; the page has an icon (no 404 in the console)."""
+    wav = tmp_path / "voice.wav"
+    write_wav(wav, 2.0)
+    factory = await open_engine_factory(RuntimeConfig(mode="classic"))  # as `engine serve --webrtc` builds it
+    server = TestServer(create_app(factory, ServerConfig(token="sesame")), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.make_url("/avatar.png")) as resp:
+                assert resp.status == 401, "the avatar's photo is behind the token, like its video"
+            async with http.get(server.make_url("/avatar.png?token=sesame")) as resp:
+                assert resp.status == 200 and resp.content_type == "image/png"
+                served = np.asarray(Image.open(io.BytesIO(await resp.read())).convert("RGB"))
+            async with http.get(server.make_url("/favicon.ico")) as resp:
+                assert resp.status == 200 and resp.content_type == "image/svg+xml"
+        assert np.array_equal(served, default_avatar().crop), "the preview is the avatar the sessions animate"
+        async with open_page(str(server.make_url("/")) + "?token=sesame", wav, tmp_path / "profile") as page:
+            loaded = None
+            for _ in range(100):
+                loaded = await page.evaluate(
+                    "(() => { const v = document.getElementById('avatar'); if (!v || !v.poster) return null;"
+                    " return new Promise((done) => { const i = new Image();"
+                    " i.onload = () => done([i.naturalWidth, i.naturalHeight, v.poster]); i.onerror = () => done(null);"
+                    " i.src = v.poster; }); })()"
+                )
+                if loaded:
+                    break
+                await asyncio.sleep(0.1)
+            assert loaded is not None, "the page's video box has no loadable poster"
+            assert loaded[:2] == [512, 512] and "/avatar.png?token=sesame" in loaded[2]
+            (tmp_path / "page.png").write_bytes(await page.screenshot())
+            shot = np.asarray(Image.open(tmp_path / "page.png").convert("L"), np.float32)
+            assert shot.std() > 20.0, "the page shows a picture, not a blank or black box"
     finally:
         await server.close()

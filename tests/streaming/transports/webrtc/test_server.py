@@ -5,42 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from aiortc import RTCPeerConnection
 
 from engine.config import ConfigError
 from streaming.pipelines import CLASSIC_BANNER
 from streaming.testing import FakeFactory, burst_signal
-from streaming.transports.webrtc import ServerConfig, create_app
-from streaming.transports.webrtc.app import SERVER_KEY
+from streaming.transports.webrtc import ServerConfig
 from streaming.transports.webrtc.client import ArrayAudioTrack, AvatarClient, ClientError
 
+from .serving import Served, serve, wait_for
+
 pytestmark = pytest.mark.timeout(120)
-
-
-@dataclass
-class Served:
-    factory: FakeFactory
-    app: web.Application
-    url: str
-
-    @property
-    def peers(self) -> dict:
-        return self.app[SERVER_KEY].peers
-
-
-async def serve(config: ServerConfig, factory: FakeFactory | None = None) -> tuple[TestServer, Served]:
-    factory = factory or FakeFactory(banner=CLASSIC_BANNER)
-    app = create_app(factory, config)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    return server, Served(factory, app, str(server.make_url("")).rstrip("/"))
 
 
 @pytest.fixture
@@ -49,15 +28,6 @@ async def served() -> AsyncIterator[Served]:
     yield info
     await server.close()
     assert info.factory.closed, "the factory is closed with the app"
-
-
-async def wait_for(predicate, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
 
 
 async def test_wav_stream_controls_metrics_and_teardown(served: Served) -> None:
