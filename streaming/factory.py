@@ -12,6 +12,7 @@ import numpy as np
 
 from engine.avatar.face import FaceLocator
 from engine.config import ConfigError
+from engine.motion.control_schema import ControlState
 from engine.motion.emotion import EMOTIONS
 from engine.motion.examples import describe, emotion_example
 from engine.motion.library import LibraryError, MotionLibrary, classic_stored, neural_stored
@@ -39,11 +40,13 @@ class RuntimeFactory:
         avatar: str | None,
         latency_budget_s: float | None = None,
         picture: np.ndarray | None = None,
+        start_state: ControlState | None = None,
     ) -> None:
         self.runtime = runtime
         self.avatar = avatar
         self.latency_budget_s = latency_budget_s
         self._picture = picture  # [S, S, 3] uint8: the avatar's face crop, which sessions render from
+        self.start_state = start_state  # the control state a session starts from (its motion stage's own)
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.runtime.describe())
@@ -52,6 +55,10 @@ class RuntimeFactory:
         info["emotions"] = list(EMOTIONS)
         info["stored_emotions"] = self.stored_emotions()
         info["registry"] = registry()
+        if self.start_state is not None:  # the schema's defaults as this motion generator starts (e.g. smoothing)
+            start = self.start_state.as_dict()
+            schema = info.get("control_schema") or {}
+            info["control_schema"] = {k: {**v, "default": start.get(k, v.get("default"))} for k, v in schema.items()}
         if self.latency_budget_s is not None:
             info["latency_budget_ms"] = round(self.latency_budget_s * 1000.0, 1)
         return info
@@ -125,4 +132,7 @@ async def open_engine_factory(config: RuntimeConfig, avatar: str | None = None) 
         raise EngineFactoryError(f"cannot load avatar {avatar or 'default'!r}: {exc}") from exc
     session = config.session
     budget = latency_budget_s(session, session.lookahead_frames or stage_lookahead(features, motion, session.fps))
-    return RuntimeFactory(runtime, avatar, budget, picture=record.crop)
+    start = getattr(motion, "state", None)  # as the session reads it (streaming.session)
+    return RuntimeFactory(
+        runtime, avatar, budget, picture=record.crop, start_state=start if isinstance(start, ControlState) else None
+    )

@@ -1,5 +1,6 @@
 """``POST /emotions`` on a server built the way ``engine serve`` builds it (classic mode): an uploaded example is
-stored and listed, and every malformed upload is refused with a 4xx naming the problem."""
+stored and listed, and every malformed upload is refused with a 4xx naming the problem; ``/health``'s schema starts
+where a session starts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from engine.motion.classic import ClassicMotionConfig
 from streaming.factory import open_engine_factory
 from streaming.pipelines import RuntimeConfig
 from streaming.session import SessionConfig
@@ -67,4 +69,10 @@ async def test_upload_stores_a_listed_emotion_and_refuses_bad_uploads(url: str, 
         async with http.get(f"{url}/emotions") as resp:
             assert (await resp.json())["stored_emotions"] == ["happy"]
         async with http.get(f"{url}/health") as resp:
-            assert "happy" in (await resp.json())["stored_emotions"]
+            health = await resp.json()
+        assert "happy" in health["stored_emotions"]
+        # the page's widgets start where a session starts: classic motion's own smoothing and blink rate
+        schema = health["control_schema"]
+        assert schema["smoothing"]["default"] == "none" and schema["blink_rate"]["default"] == pytest.approx(
+            1 / ClassicMotionConfig().blink_every_s
+        ), schema
