@@ -32,9 +32,12 @@ from engine.motion import lmdm
 from engine.motion.adapter import attach_stored_adapter
 from engine.motion.base import FeatureStage, MotionStage
 from engine.motion.classic import ClassicFeatures, ClassicMotion, ClassicMotionConfig
+from engine.motion.control_schema import describe_schema
+from engine.motion.library import MotionLibrary, classic_stored, neural_stored
 from engine.motion.neural import NeuralMotionStage, build_neural_motion
 from engine.motion.personal import PersonalMotion, PersonalMotionConfig
 from engine.motion.personal_model import PersonalModel, PersonalModelError
+from engine.motion.retarget import DEFAULT_EYE_RATIO, Retargeting, open_ratios
 from engine.paths import default_ditto_dir, default_weights_dir
 from engine.render.base import PreparedAvatar, Renderer
 from engine.render.classic import ClassicRenderer, face_size
@@ -127,6 +130,7 @@ class Pipeline:
             "mode": self.renderer_name,
             "motion": self.motion_name,
             "controls": sorted(self.controls),
+            "control_schema": describe_schema(self.controls),
             "untrained": self.untrained,
             "banner": self.banner,
             "size": self.renderer.size,
@@ -185,9 +189,11 @@ def _build_classic_renderer(config: RuntimeConfig) -> Renderer:
     return ClassicRenderer(device=config.backend.torch_device())
 
 
-def neural_renderer(weights: str, backend: BackendConfig | None = None) -> NeuralRenderer:
-    """The neural renderer of an imported LivePortrait store (e.g. to compute an avatar's features once)."""
-    renderer = _build_neural_renderer(RuntimeConfig(mode="neural", weights=weights, backend=backend or BackendConfig()))
+def neural_renderer(weights: str | None, backend: BackendConfig | None = None, preset: str = "tiny") -> NeuralRenderer:
+    """The neural renderer of an imported LivePortrait store (e.g. to compute an avatar's features once); ``None``:
+    the engine home's store, or untrained ``preset`` weights when none is imported (its ``untrained`` says so)."""
+    config = RuntimeConfig(mode="neural", weights=weights, preset=preset, backend=backend or BackendConfig())
+    renderer = _build_neural_renderer(config)
     assert isinstance(renderer, NeuralRenderer)
     return renderer
 
@@ -217,9 +223,14 @@ def _build_classic_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[St
     fps = config.session.fps
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
-        # the source face lets pure_emotion = false see the portrait's own expression
+        # the source face lets pure_emotion = false see the portrait's own expression; stored examples and the
+        # reference clip come from the motion library (engine emotion add, engine avatar reference)
+        avatar = prepared.avatar
         motion = ClassicMotion(
-            ClassicMotionConfig(fps=fps), face_size=face_size(prepared.source), source=prepared.source
+            ClassicMotionConfig(fps=fps),
+            face_size=face_size(prepared.source),
+            source=prepared.source,
+            stored=classic_stored(MotionLibrary(), avatar.name, avatar.landmarks),
         )
         return ClassicFeatures(fps), motion
 
@@ -251,9 +262,30 @@ def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[Stag
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
         features: HubertStreaming | LogMelFeatures = HubertStreaming(hubert) if hubert else LogMelFeatures()
-        return features, build_neural_motion(runtime, prepared.source, silence=features.silence())
+        stored = None
+        if isinstance(renderer, NeuralRenderer):  # stored examples live in this renderer's keypoint space
+            stored = neural_stored(MotionLibrary(), prepared.avatar.name, prepared.source, renderer.nets.weights_id)
+        motion = build_neural_motion(
+            runtime,
+            prepared.source,
+            silence=features.silence(),
+            retargeting=_retargeting(renderer, prepared),
+            stored=stored,
+        )
+        return features, motion
 
     return stages, bool(denoiser.untrained)
+
+
+def _retargeting(renderer: Renderer, prepared: PreparedAvatar) -> Retargeting | None:
+    """The renderer's eye and lip retargeting networks for this avatar: blinks close its eyes from their own open
+    ratio (measured on its landmarks; a typical ratio without them), an open mouth closes at rest."""
+    if not isinstance(renderer, NeuralRenderer):
+        return None
+    avatar = prepared.avatar
+    ratios = open_ratios(avatar.landmarks, avatar.landmark_scheme)
+    eye, lip = ratios if ratios is not None else (DEFAULT_EYE_RATIO, None)
+    return Retargeting(prepared.source, renderer.nets.eye, renderer.nets.lip, eye, lip)
 
 
 PERSONAL_SPACES = {"classic": "mesh", "neural": "keypoints"}  # renderer -> the motion space its personal model uses

@@ -152,7 +152,9 @@ class Session:
         self.motion = motion
         self.motion_name = motion_name or type(motion).__name__
         self.controls_honoured = dict(motion.CONTROLS) if isinstance(motion, Controllable) else {}
-        self.control_state = ControlState()
+        # the state the motion stage starts from (a generator may start from its own defaults, e.g. its smoothing)
+        initial = getattr(motion, "state", None)
+        self.control_state = initial if isinstance(initial, ControlState) else ControlState()
         self._system: deque[Control | Interrupt] = deque()  # sent to the stages ahead of the next audio
         self._features = FeatureStep(features)
         self._motion = MotionStep(motion, catch_up=self._catch_up if cfg.realtime else None)

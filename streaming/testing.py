@@ -31,7 +31,7 @@ from engine.avatar.record import Avatar
 from engine.keypoints import LIP, NUM_KP, MotionParams, SourceFace, keypoints_from_params
 from engine.models.liveportrait import LivePortraitNets
 from engine.motion.base import MotionFrame
-from engine.motion.control_schema import ControlState, ControlValueError, validate_control
+from engine.motion.control_schema import ControlState, ControlValueError, describe_schema, validate_control
 from engine.motion.emotion import EMOTIONS
 from engine.render.base import PreparedAvatar
 from engine.render.neural import NeuralRenderer
@@ -210,6 +210,7 @@ class FakeFactory:
             "mode": self.mode,
             "motion": self.mode,
             "controls": sorted(FakeSession("probe").honoured),
+            "control_schema": describe_schema({k: "" for k in FakeSession("probe").honoured}),
             "untrained": self.untrained,
             "banner": self.banner,
             "avatar": "test",

@@ -11,7 +11,16 @@ Row ``i`` covers exactly audio ``[i * 640, (i + 1) * 640)``, so the jaw is not d
 :class:`ClassicMotion` turns rows into :class:`MotionFrame` s. Expression offsets are in units of the avatar's
 inter-ocular distance (``face_size``): speech moves the LIP keypoints, blinks and gaze the lids (``EYE``), and
 emotions are facial action units (``engine.motion.facs``) on every keypoint but the rigid anchors the classic
-renderer fits the head pose to. Live controls: :meth:`ClassicMotion.apply_controls` (``docs/controls-classic.md``).
+renderer fits the head pose to. Live controls: :meth:`ClassicMotion.apply_controls` (``docs/controls.md``).
+
+Stored examples (:mod:`engine.motion.library`, read through a :class:`~engine.motion.library.Watched` loader):
+an emotion with a stored example (``engine emotion add``, landmark-mesh offsets) is shown by the example's offsets
+on the keypoints its landmarks measured *instead of* its action units there, and by its action units on the rest
+(a template landmark fit measures only the mouth, nose and chin: such an example's brows and lids are the action
+units'); with the same intensity, interpolation and region mixing (its upper-face keypoints follow
+``eyes_emotion``, the others ``mouth_emotion``). Emotions without an example keep their action units. A stored
+reference clip (``engine avatar reference``) gives ``head_pose: reference`` (its head-pose trajectory, estimated
+from its landmarks by ``solvePnP``) and ``emotion_source: reference`` (its typical expression).
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from engine.audio.pcm import SAMPLE_RATE
 from engine.keypoints import NUM_KP, MotionParams, SourceFace
 from engine.motion import facs
 from engine.motion.base import MotionFrame
-from engine.motion.control_schema import EMOTION_SOURCES, HEAD_POSE_MODES, ControlState, ControlValueError
+from engine.motion.control_schema import ControlState, ControlValueError
 from engine.motion.emotion import EMOTIONS as EMOTION_NAMES
+from engine.motion.library import ClassicStored, MeshOffsets, MeshReference, Watched
+from engine.motion.smoothing import KalmanConfig, KalmanFilter, OneEuroConfig, OneEuroFilter
 from engine.render.classic_mesh import LID_REF_GAP
 
 DIM = 4
@@ -121,16 +132,27 @@ class ClassicMotionConfig:
             raise ValueError(f"invalid classic motion config: {self}")
 
 
+# stored-offset regions for region mixing: the upper face (brows, glabella, lids) follows eyes_emotion
+UPPER_KEYPOINTS: tuple[int, ...] = (1, 2, 11, 13, 15, 16, 18)
+_UPPER_KP = np.zeros((NUM_KP, 1))
+_UPPER_KP[list(UPPER_KEYPOINTS)] = 1.0
+_UPPER_AU = np.array([name in facs.UPPER_FACE for name in facs.AU_NAMES], dtype=np.float64)
+REFERENCE = "<reference>"  # the reference clip's expression, in an emotion slot
+MAX_REFERENCE_DEG = 25.0  # a reference trajectory is clamped to what a warp of one photo can show
+
+
 class _Effective(NamedTuple):
     """What the controls set, as numbers that ramp linearly (a change mid-ramp starts where the ramp is)."""
 
     aus: np.ndarray  # [n_au] action unit weights (intensity included)
+    stored: np.ndarray  # [21, 2] offsets of stored examples / the reference clip (intensity included)
     absolute: float  # 1 when pure_emotion is off: the portrait's own lower-face expression is undone first
     lip_scale: float
     loud_weight: float  # 1: lips follow the loudness, 0: a level-normalised envelope (fixed gain)
     blink: float
     gaze: float
     head: float  # 1: idle sway, 0: fixed head
+    reference: float  # 1: the reference clip's head pose
 
 
 def _blend(a: _Effective, b: _Effective, r: float) -> _Effective:
@@ -159,8 +181,8 @@ class ClassicMotion:
     values classic mode honours are :attr:`HONOURED`.
     """
 
-    # control key -> the values classic mode honours (None: every valid value). Anything else is for the caller to
-    # refuse: head_pose "reference" and emotion_source "reference" need a reference clip, which classic lacks.
+    # control key -> the values classic mode honours (None: every valid value). head_pose / emotion_source
+    # "reference" are honoured when the avatar has a stored reference clip (check_controls refuses them otherwise).
     HONOURED: ClassVar[dict[str, tuple[Any, ...] | None]] = {
         "emotion": EMOTION_NAMES,
         "intensity": None,
@@ -169,33 +191,37 @@ class ClassicMotion:
         "mouth_emotion": None,
         "eyes_emotion": None,
         "pure_emotion": (True, False),  # see apply_controls
-        "emotion_source": tuple(s for s in EMOTION_SOURCES if s != "reference"),
+        "emotion_source": None,
         "lip_scale": None,
         "loudness_lips": (True, False),
         "blink": (True, False),
         "blink_rate": None,
         "gaze": (True, False),
-        "head_pose": tuple(m for m in HEAD_POSE_MODES if m != "reference"),
+        "head_pose": None,
+        "smoothing": None,
         "ramp_s": None,
     }
 
     # what each honoured control does here (the session refuses the others; /health and the CLI list these)
     CONTROLS: ClassVar[Mapping[str, str]] = MappingProxyType(
         {
-            "emotion": "facial action units of the emotion (brows, lids, cheeks, nose, lips, jaw)",
+            "emotion": "the emotion's stored example (engine emotion add) as landmark-mesh offsets, else its facial "
+            "action units (brows, lids, cheeks, nose, lips, jaw)",
             "intensity": "scales the action units (0..1.5)",
             "emotion_b": "second emotion: action-unit weights interpolated by mix",
             "mix": "0: emotion only .. 1: emotion_b only",
             "mouth_emotion": "lower-face action units (nose, lips, jaw) from this emotion",
             "eyes_emotion": "upper-face action units (brows, lids, cheek raise) from this emotion",
             "pure_emotion": "true: add to the portrait's own expression; false: undo its smile / parted lips first",
-            "emotion_source": "label only (a reference clip is neural mode's)",
+            "emotion_source": "label, or reference: the typical expression of the avatar's stored reference clip",
             "lip_scale": "scales the speech motion of lips and jaw",
             "loudness_lips": "true: the jaw follows loudness; false: a level-normalised envelope",
             "blink": "seeded blinks on or off",
             "blink_rate": "blinks per second (0: none); the pending blink is re-drawn at once",
             "gaze": "seeded horizontal saccades of the eyeballs",
-            "head_pose": "diffusion: idle head sway; fixed: still head (reference needs a clip: refused)",
+            "head_pose": "diffusion: idle head sway; fixed: still head; reference: the stored reference clip's "
+            "head-pose trajectory (solvePnP on its landmarks)",
+            "smoothing": "filter of the speech motion (jaw, lip width): none (default), one_euro or kalman",
             "ramp_s": "every change ramps linearly over this many seconds",
         }
     )
@@ -205,10 +231,11 @@ class ClassicMotion:
         config: ClassicMotionConfig | None = None,
         face_size: float = DEFAULT_FACE_SIZE,
         source: SourceFace | None = None,
+        stored: Watched[ClassicStored] | None = None,
     ) -> None:
         """``face_size``: the avatar's inter-ocular distance (normalised units); ``source``: its classic source
         face, from which ``pure_emotion = false`` estimates the portrait's own expression (without it, that
-        setting changes nothing)."""
+        setting changes nothing); ``stored``: the avatar's stored emotion examples and reference clip."""
         self.config = config or ClassicMotionConfig()
         cfg = self.config
         self.lookahead_frames = cfg.lookahead_frames
@@ -223,7 +250,17 @@ class ClassicMotion:
         self._phases = np.random.default_rng([cfg.seed, 0]).uniform(0, 2 * math.pi, size=6)
         self._blink_rng = np.random.default_rng([cfg.seed, 1])
         self._gaze_rng = np.random.default_rng([cfg.seed, 2])
-        self._state = ControlState(blink_rate=min(2.0, 1.0 / cfg.blink_every_s))
+        self._emotions: dict[str, MeshOffsets] = {}
+        self._missing: dict[str, str] = {}
+        self._reference: MeshReference | None = None
+        self._no_reference = "no reference clip is stored for this avatar (engine avatar reference AVATAR --clip VIDEO)"
+        self._stored = stored
+        self._pending: ClassicStored | None = None
+        # the analytic motion is smooth by construction: no extra filter unless asked for
+        self._state = ControlState(blink_rate=min(2.0, 1.0 / cfg.blink_every_s), smoothing="none")
+        self._smoother: OneEuroFilter | KalmanFilter | None = None
+        self._poll()
+        self._install(ramp=False)
         target = self._effective(self._state)
         self._from, self._to, self._ramp_pos, self._ramp_len = target, target, 0, 0
         self._blink_start = -(10**9)
@@ -251,6 +288,9 @@ class ClassicMotion:
         :class:`~engine.motion.controls.ControlValueError` and keep the previous state.
         """
         self.check_controls(state)
+        self._install()
+        if state.smoothing != self._state.smoothing:
+            self._smoother = _speech_filter(state.smoothing, self.config.fps)
         r = self._ramp_pos / self._ramp_len if self._ramp_len else 1.0
         self._from = _blend(self._from, self._to, r)
         self._to = self._effective(state)
@@ -261,15 +301,47 @@ class ClassicMotion:
             self._next_blink = self._draw_blink(self._next)
 
     def check_controls(self, state: ControlState) -> None:
-        """Raise :class:`~engine.motion.control_schema.ControlValueError` for values outside :attr:`HONOURED`."""
+        """Raise :class:`~engine.motion.control_schema.ControlValueError` for values outside :attr:`HONOURED`, and
+        for ``reference`` without a stored reference clip (the message says why and how to store one)."""
         if not isinstance(state, ControlState):
             raise TypeError(f"classic controls take a ControlState, got {type(state).__name__}")
         for key, allowed in self.HONOURED.items():
             if allowed is not None and getattr(state, key) not in allowed:
-                raise ControlValueError(
-                    f"{key}: classic mode cannot honour {getattr(state, key)!r} (it has no reference clip); "
-                    f"use one of {list(allowed)}"
-                )
+                raise ControlValueError(f"{key}: classic mode cannot honour {getattr(state, key)!r}")
+        self._poll()
+        pending = self._pending
+        reference = pending[2] if pending is not None else self._reference
+        if reference is None:
+            why = (pending[3] if pending is not None else "") or self._no_reference
+            for key in ("head_pose", "emotion_source"):
+                if getattr(state, key) == "reference":
+                    raise ControlValueError(f"{key}: classic mode cannot honour 'reference': {why}")
+
+    def _poll(self) -> None:
+        """Look for examples added to or removed from the motion library (on the thread that checks controls); the
+        stage's own thread installs them with the next control, never in the middle of a frame."""
+        fresh = self._stored.poll() if self._stored is not None else None
+        if fresh is not None:
+            self._pending = fresh
+
+    def _install(self, ramp: bool = True) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self._emotions, self._missing, reference, why = pending
+        self._no_reference = why or self._no_reference
+        if reference is not None or "reference" not in (self._state.head_pose, self._state.emotion_source):
+            self._reference = reference
+        if ramp:  # a running stage: the current state ramps to the new offsets
+            r = self._ramp_pos / self._ramp_len if self._ramp_len else 1.0
+            self._from = _blend(self._from, self._to, r)
+            self._to = self._effective(self._state)
+            self._ramp_len, self._ramp_pos = round(self._state.ramp_s * self.config.fps), 0
+
+    @property
+    def stored_emotions(self) -> tuple[str, ...]:
+        """The emotions shown by their stored examples (the others by action units)."""
+        return tuple(self._emotions)
 
     def set_emotion(self, name: str, intensity: float = 1.0) -> None:
         """Ramp to ``name`` (one of :data:`EMOTIONS`) at ``intensity`` in [0, 1.5] over the configured frames."""
@@ -284,16 +356,48 @@ class ClassicMotion:
         self.apply_controls(state, ramp_frames=self.config.emotion_ramp_frames)
 
     def _effective(self, s: ControlState) -> _Effective:
-        aus = facs.mixed_vector(s.emotion, s.intensity, s.emotion_b, s.mix, s.mouth_emotion, s.eyes_emotion)
+        aus, stored = self._emotion_parts(s)
         return _Effective(
             aus=aus,
+            stored=stored,
             absolute=float(not s.pure_emotion),
             lip_scale=s.lip_scale,
             loud_weight=float(s.loudness_lips),
             blink=float(s.blink),
             gaze=float(s.gaze),
             head=float(s.head_pose == "diffusion"),
+            reference=float(s.head_pose == "reference" and self._reference is not None),
         )
+
+    def _emotion_parts(self, s: ControlState) -> tuple[np.ndarray, np.ndarray]:
+        """(AU weights, stored offsets) of a state: interpolation, then region mixing (the upper face from
+        ``eyes_emotion``, the lower from ``mouth_emotion``), times intensity. Each emotion contributes through its
+        stored example when it has one, else through its action units; with the same weights and regions both ways,
+        so a state of action units alone is exactly :func:`engine.motion.facs.mixed_vector`."""
+        aus = np.zeros(len(facs.AU_NAMES))
+        stored = np.zeros((NUM_KP, 2))
+        if s.emotion_source == "reference" and self._reference is not None:
+            base = [(REFERENCE, 1.0)]
+        elif s.emotion_b is not None:
+            base = [(s.emotion, 1.0 - s.mix), (s.emotion_b, s.mix)]
+        else:
+            base = [(s.emotion, 1.0)]
+        upper = [(s.eyes_emotion, 1.0)] if s.eyes_emotion is not None else base
+        lower = [(s.mouth_emotion, 1.0)] if s.mouth_emotion is not None else base
+        for slots, au_mask, kp_mask in ((upper, _UPPER_AU, _UPPER_KP), (lower, 1.0 - _UPPER_AU, 1.0 - _UPPER_KP)):
+            for name, w in slots:
+                if name == REFERENCE and self._reference is not None:
+                    stored += w * np.asarray(self._reference.emotion, np.float64) * kp_mask
+                elif name in self._emotions:
+                    example = self._emotions[name]
+                    unmeasured = np.ones((NUM_KP, 1))
+                    unmeasured[list(example.measured)] = 0.0
+                    # the example where it measured the face, the emotion's action units elsewhere
+                    region_aus = facs.emotion_vector(name) * au_mask
+                    stored += w * (example.offsets * kp_mask + facs.offsets(region_aus) * unmeasured)
+                else:
+                    aus += w * facs.emotion_vector(name) * au_mask
+        return aus * s.intensity, stored * s.intensity
 
     # --- stage protocol ---
 
@@ -359,6 +463,19 @@ class ClassicMotion:
         r = min(1.0, max(0.0, (index - self._gaze_change + 1) / 2))
         return self._gaze_from * (1 - r) + self._gaze_to * r
 
+    def _reference_pose(self, index: int) -> np.ndarray:
+        """The reference clip's pose offsets ``[6]`` at frame ``index``, played forth and back (no jump at the
+        loop), angles clamped to what a warp of one photo can show."""
+        assert self._reference is not None
+        pose = np.asarray(self._reference.pose, dtype=np.float64)
+        n = pose.shape[0]
+        i = 0 if n == 1 else index % (2 * (n - 1))
+        out = pose[i if i < n else 2 * (n - 1) - i].copy()
+        out[:3] = np.clip(out[:3], -MAX_REFERENCE_DEG, MAX_REFERENCE_DEG)
+        out[3:5] = np.clip(out[3:5], -0.3, 0.3)
+        out[5] = float(np.clip(out[5], -0.3, 0.3))
+        return out
+
     # --- per frame ---
 
     def _emit(self, count: int) -> list[MotionFrame]:
@@ -393,18 +510,21 @@ class ClassicMotion:
         voiced = min(1.0, 2.0 * float(row[0]))
         width_target = voiced * float(np.clip(3.0 * (row[3] - row[2]) + 0.5, -1.0, 1.0))
         self._width += 0.5 * (width_target - self._width)
+        jaw_now, width_now = self._jaw, self._width
+        if self._smoother is not None:  # the smoothing control filters the speech motion
+            jaw_now, width_now = (float(v) for v in self._smoother(torch.tensor([self._jaw, self._width])))
 
         offsets = np.zeros((NUM_KP, 2))
-        jaw = cfg.jaw_gain * self._jaw
+        jaw = cfg.jaw_gain * jaw_now
         offsets[17, 1] += jaw
         offsets[20, 1] += 0.95 * jaw
         offsets[19, 1] += 0.85 * jaw
         offsets[14, 1] -= 0.08 * jaw
-        spread = 0.035 * self._width  # > 0 spread (ee), < 0 rounded (oo)
+        spread = 0.035 * width_now  # > 0 spread (ee), < 0 rounded (oo)
         offsets[6] += (-spread, 0.4 * jaw)
         offsets[12] += (spread, 0.4 * jaw)
         offsets *= eff.lip_scale
-        offsets += facs.offsets(eff.aus) + eff.absolute * self._rest
+        offsets += facs.offsets(eff.aus) + eff.stored + eff.absolute * self._rest
         closure = eff.blink * self._blink(index)
         for upper, lower in ((11, 13), (15, 16)):
             offsets[upper, 1] += closure * BLINK_DEPTH
@@ -423,11 +543,29 @@ class ClassicMotion:
         roll = amp * (1.5 * math.sin(2 * math.pi * 0.07 * t_s + ph[3]))
         tx = amp * 0.01 * math.sin(2 * math.pi * 0.09 * t_s + ph[4])
         ty = amp * 0.006 * math.sin(2 * math.pi * 0.15 * t_s + ph[5])
+        scale = 1.0
+        if eff.reference > 0 and self._reference is not None:
+            ref = self._reference_pose(index)
+            pitch += eff.reference * ref[0]
+            yaw += eff.reference * ref[1]
+            roll += eff.reference * ref[2]
+            tx += eff.reference * ref[3]
+            ty += eff.reference * ref[4]
+            scale += eff.reference * ref[5]
         return MotionParams(
-            scale=torch.ones(1, 1),
+            scale=torch.full((1, 1), scale),
             pitch=torch.tensor([pitch], dtype=torch.float32),
             yaw=torch.tensor([yaw], dtype=torch.float32),
             roll=torch.tensor([roll], dtype=torch.float32),
             t=torch.tensor([[tx, ty, 0.0]], dtype=torch.float32),
             exp=exp,
         )
+
+
+def _speech_filter(mode: str, fps: int) -> OneEuroFilter | KalmanFilter | None:
+    """The ``smoothing`` control's filter of classic speech motion (one frame of lag at most)."""
+    if mode == "one_euro":
+        return OneEuroFilter(OneEuroConfig(fps=fps, lag_frames=1.0))
+    if mode == "kalman":
+        return KalmanFilter(KalmanConfig(lag_frames=1.0))
+    return None

@@ -6,8 +6,10 @@ the data channel, the websocket, Python). A generator declares which of these co
 
 Controls (seed papers): emotion x intensity; interpolation between two emotions (EDTalk); region mixing and
 pure-emotion subtraction ``P(e) - P(neutral)`` (PC-Talk); emotion from a reference clip (EP-Talk); lip scale and
-loudness-scaled lips (PC-Talk); blinks, blink rate and gaze; head pose mode; the ramp time of every change.
-Invalid messages raise :class:`ControlValueError` (a ``ValueError``) and the last valid state stays.
+loudness-scaled lips (PC-Talk); blinks, blink rate and gaze; head pose mode; temporal smoothing of the generated
+motion (One-Euro, or PC-Talk's Kalman filter); the ramp time of every change. Invalid messages raise
+:class:`ControlValueError` (a ``ValueError``) and the last valid state stays. :func:`describe_schema` is the schema as
+JSON (``/health``'s ``control_schema``, which the page builds its controls from).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from engine.motion.emotion import EMOTIONS
 
 HEAD_POSE_MODES = ("diffusion", "reference", "fixed")
 EMOTION_SOURCES = ("label", "reference")
+SMOOTHING_MODES = ("none", "one_euro", "kalman")
 
 
 class ControlValueError(ValueError):
@@ -44,6 +47,7 @@ CONTROL_SPEC: dict[str, tuple[str, Any]] = {
     "blink_rate": ("float", (0.0, 2.0)),
     "gaze": ("bool", None),
     "head_pose": ("choice", HEAD_POSE_MODES),
+    "smoothing": ("choice", SMOOTHING_MODES),
     "ramp_s": ("float", (0.0, 5.0)),
 }
 
@@ -98,6 +102,7 @@ class ControlState:
     blink_rate: float = 0.3  # blinks per second
     gaze: bool = True
     head_pose: str = "diffusion"
+    smoothing: str = "one_euro"  # filter of the generated motion (a generator may start from its own default)
     ramp_s: float = 0.3
 
     def __post_init__(self) -> None:
@@ -109,6 +114,28 @@ class ControlState:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def describe_schema(honoured: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """The schema as JSON: per control its ``kind`` (``emotion``, ``emotion?`` = an emotion or none, ``bool``,
+    ``choice``, ``float``), ``min``/``max`` or ``choices``, the ``default``, and, given a generator's ``CONTROLS``,
+    whether it is ``honoured`` and what it ``does`` there."""
+    defaults = ControlState().as_dict()
+    out: dict[str, dict[str, Any]] = {}
+    for name, (kind, extra) in CONTROL_SPEC.items():
+        entry: dict[str, Any] = {"kind": kind, "default": defaults[name]}
+        if kind in ("emotion", "emotion?"):
+            entry["choices"] = list(EMOTIONS)
+        elif kind == "choice":
+            entry["choices"] = list(extra)
+        elif kind == "float":
+            entry["min"], entry["max"] = extra
+        if honoured is not None:
+            entry["honoured"] = name in honoured
+            if name in honoured:
+                entry["does"] = honoured[name]
+        out[name] = entry
+    return out
 
 
 @runtime_checkable

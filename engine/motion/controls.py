@@ -7,6 +7,12 @@ Controls and the keypoints they may move (``engine.keypoints`` region sets):
 * lip scale and loudness-scaled lips -> ``LIP``;  blinks and gaze (seeded) -> ``EYE``;
 * head pose mode ``diffusion | reference | fixed`` -> pose only (every keypoint moves rigidly, expression kept).
 
+Emotions with a stored example (an :class:`EmotionBank` entry, ``engine emotion add``) are applied as keypoint
+offsets (EP-Talk's and PC-Talk's emotional deformation); the others go to Ditto's emotion condition
+(:meth:`MotionControls.emotion_label`), so each emotion of a state acts through exactly one of the two. A blink
+closes the eyes through LivePortrait's eye retargeting network and an open source mouth closes at rest through the
+lip network (:class:`engine.motion.retarget.Retargeting`), when the stage is given them.
+
 Every change ramps the *effective* values (offsets, gains, pose weights) linearly over ``ramp_s``; a change
 arriving mid-ramp starts from where the ramp is. The vocabulary and its validation are
 :mod:`engine.motion.control_schema` (one schema for every motion generator).
@@ -31,10 +37,12 @@ from engine.motion.emotion import (
     emotion_weights_label,
     region_mask,
 )
+from engine.motion.retarget import Retargeting
 
 MOUTH: tuple[int, ...] = tuple(k for k in EMOTION if k in LIP)
 EYES_BROWS: tuple[int, ...] = tuple(k for k in EMOTION if k not in LIP)
 GAZE_KEYPOINTS = (11, 15)  # the eye-ball keypoints Ditto's gaze fix moves (exp dims 33/34 and 45/46)
+NEVER = 2**62  # the next blink at blink rate 0
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,9 @@ class ControllerConfig:
     loud_max_gain: float = 1.5
     loud_smoothing: float = 0.5  # one-pole weight of the new loudness gain per frame
     blink_frames: int = 6  # 240 ms close-open
-    blink_depth: float = 0.02  # eyelid offset (canonical units) at full closure
+    blink_depth: float = 0.02  # eyelid offset (canonical units) at full closure without the eye network
+    min_blink_gap_s: float = 0.35  # never two blinks closer than this
+    rest_lips_db: tuple[float, float] = (-50.0, -60.0)  # loudness from which an open source mouth closes .. fully
     gaze_amplitude: float = 0.004  # exp units, std of the gaze targets
     gaze_hold_s: tuple[float, float] = (0.8, 2.5)
     gaze_move_frames: int = 3
@@ -89,6 +99,7 @@ class MotionControls:
         config: ControllerConfig | None = None,
         state: ControlState | None = None,
         blink_vector: Tensor | None = None,
+        retargeting: Retargeting | None = None,
     ) -> None:
         self.source = source
         self.bank = bank or EmotionBank({})
@@ -96,6 +107,8 @@ class MotionControls:
         self._state = state or ControlState()
         self._reference: ReferenceMotion | None = None
         self._blink_vector = (blink_vector if blink_vector is not None else default_blink_vector()) * region_mask(EYE)
+        self.retargeting = retargeting
+        self._frame = 0  # the next frame apply() will see (a changed blink rate re-draws the next blink from it)
         target = self._effective(self._state)
         self._from, self._to, self._ramp_pos, self._ramp_len = target, target, 0, 0
         self.reset()
@@ -112,6 +125,7 @@ class MotionControls:
         """Restart the seeded blink / gaze schedules and the loudness follower."""
         cfg = self.config
         self._rng = np.random.default_rng(cfg.seed)
+        self._frame = 0
         self._next_blink = self._draw_blink_gap(0)
         self._blink_start = -(10**9)
         self._gaze_from = np.zeros(2)
@@ -119,6 +133,7 @@ class MotionControls:
         self._gaze_change = 0
         self._next_gaze = self._draw_gaze_hold(0)
         self._loud_gain = 1.0
+        self._rest_level: float | None = None
 
     def set_reference(self, reference: ReferenceMotion | None) -> None:
         """Reference clip for ``head_pose = "reference"`` and ``emotion_source = "reference"``."""
@@ -127,24 +142,37 @@ class MotionControls:
         self._reference = reference
         self._retarget(self._state)
 
+    def set_bank(self, bank: EmotionBank) -> None:
+        """New stored emotions (an example was added or removed); the current state ramps to its new offsets."""
+        self.bank = bank
+        self._retarget(self._state)
+
     def update(self, message: Mapping[str, Any]) -> ControlState:
         """Validate and apply a control message (ramped from now); returns the new state."""
         new = self._state.apply(message)
         if self._reference is None and (new.head_pose == "reference" or new.emotion_source == "reference"):
             raise ControlValueError("no reference clip is set for this avatar (head_pose / emotion_source)")
-        self._state = new
+        old_rate, self._state = self._state.blink_rate, new
         self._retarget(new)
+        if new.blink_rate != old_rate:  # the pending blink was drawn at the old rate: draw it again from now
+            self._next_blink = self._draw_blink_gap(self._frame)
         return new
 
     def emotion_label(self) -> np.ndarray:
         """Ditto's 8-d emotion condition for the current state: the interpolation weights as a label blend, then
-        blended with neutral by ``intensity`` (linearly extrapolated past 1, as far as the schema allows)."""
+        blended with neutral by ``intensity`` (linearly extrapolated past 1, as far as the schema allows).
+
+        An emotion with a stored example acts through its keypoint offset instead, so its share of the label is
+        neutral's; so is the whole label while the emotion comes from the reference clip."""
         s = self._state
-        weights = {s.emotion: 1.0 - s.mix}
-        if s.emotion_b is not None:
-            weights[s.emotion_b] = weights.get(s.emotion_b, 0.0) + s.mix
+        weights: dict[str, float] = {}
+        if s.emotion_source == "reference" and self._reference is not None:
+            weights["neutral"] = 1.0
         else:
-            weights[s.emotion] = 1.0
+            slots = [(s.emotion, 1.0 - s.mix), (s.emotion_b, s.mix)] if s.emotion_b is not None else [(s.emotion, 1.0)]
+            for name, w in slots:
+                key = "neutral" if self.bank.has(name) else name
+                weights[key] = weights.get(key, 0.0) + w
         label = emotion_weights_label(weights)
         neutral = emotion_weights_label({"neutral": 1.0})
         return (neutral + s.intensity * (label - neutral)).astype(np.float32)
@@ -157,8 +185,7 @@ class MotionControls:
         self._ramp_pos = 0
 
     def _base_offset(self, name: str, pure: bool) -> Tensor:
-        p = self.bank.get(name)
-        return p - self.bank.get("neutral") if pure else p
+        return self.bank.pure(name) if pure else self.bank.get(name)
 
     def _effective(self, s: ControlState) -> _Effective:
         if s.emotion_source == "reference" and self._reference is not None:
@@ -186,8 +213,13 @@ class MotionControls:
     # --- seeded natural motion ---
 
     def _draw_blink_gap(self, frame: int) -> int:
-        rate = max(self._state.blink_rate, 1e-3)
-        gap_s = 0.8 + self._rng.exponential(1.0 / rate)  # never two blinks closer than 0.8 s
+        """Start frame of the next blink after ``frame`` at the current rate (never, at rate 0). The intervals are
+        gamma(4) distributed with mean ``1 / rate``: fairly regular, as people blink, and at least
+        ``min_blink_gap_s`` apart."""
+        rate = self._state.blink_rate
+        if rate <= 0:
+            return NEVER
+        gap_s = max(self.config.min_blink_gap_s, float(self._rng.gamma(4.0, 1.0 / (4.0 * rate))))
         return frame + max(1, round(gap_s * self.config.fps))
 
     def _draw_gaze_hold(self, frame: int) -> int:
@@ -237,15 +269,25 @@ class MotionControls:
         src = self.source.params
         exp = params.exp.clone()  # [1, 21, 3]
 
+        self._frame = frame_index + 1
         loud = self._loudness_gain(loudness_db)
         gain = eff.lip_scale * ((1 - eff.loud_weight) + eff.loud_weight * loud)
         lip = list(LIP)
         exp[:, lip] = src.exp[:, lip] + (exp[:, lip] - src.exp[:, lip]) * gain
+        rest = self._rest_weight(loudness_db)
+        if self.retargeting is not None and rest > 0:
+            closing = self.retargeting.rest_lips(rest, params.scale)
+            if closing is not None:
+                exp = exp + closing.to(exp)
 
         exp = exp + eff.emotion_offset.to(exp)[None]
         blink = self._blink_amount(frame_index)
         if eff.blink > 0 and blink > 0:
-            exp = exp + (eff.blink * blink * self.config.blink_depth) * self._blink_vector.to(exp)[None]
+            shut = self.retargeting.blink(eff.blink * blink, params.scale) if self.retargeting is not None else None
+            if shut is not None:
+                exp = exp + shut.to(exp)
+            else:
+                exp = exp + (eff.blink * blink * self.config.blink_depth) * self._blink_vector.to(exp)[None]
         gaze = self._gaze_offset(frame_index) * eff.gaze
         if eff.gaze > 0:
             for k in GAZE_KEYPOINTS:
@@ -263,6 +305,16 @@ class MotionControls:
             pitch, yaw, roll = poses
             t = w_d * params.t + w_f * src.t + w_r * (src.t + ref[3:6].to(src.t)[None])
         return MotionParams(scale=params.scale, pitch=pitch, yaw=yaw, roll=roll, t=t, exp=exp)
+
+    def _rest_weight(self, loudness_db: float | None) -> float:
+        """How far an open source mouth closes: 0 while speech is louder than ``rest_lips_db[0]``, 1 at or below
+        ``rest_lips_db[1]`` (follows the smoothed loudness, so pauses close it smoothly)."""
+        if loudness_db is None or not math.isfinite(loudness_db):
+            return 0.0
+        start, full = self.config.rest_lips_db
+        prev = loudness_db if self._rest_level is None else self._rest_level
+        level = self._rest_level = prev + self.config.loud_smoothing * (loudness_db - prev)
+        return min(max((start - level) / max(start - full, 1e-6), 0.0), 1.0)
 
     def _reference_pose(self, frame: int) -> Tensor:
         """Reference clip pose offsets at ``frame`` ``[7]``, looped back and forth (Ditto's mirror index)."""

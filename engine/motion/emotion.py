@@ -47,18 +47,30 @@ def emotion_weights_label(weights: Mapping[str, float]) -> np.ndarray:
 class EmotionBank:
     """Keypoint offsets ``P(e)`` ``[21, 3]`` per emotion, zero outside ``engine.keypoints.EMOTION``.
 
-    Sources: the IEDP head applied to each emotion's embedding (:meth:`from_head`), a reference clip
-    (:func:`reference_emotion_offset`), or explicit arrays (tests, tuned presets).
+    Sources: the IEDP head applied to each emotion's embedding (:meth:`from_head`), stored examples (photos or
+    clips of the emotion, ``engine emotion add``, see :mod:`engine.motion.library`), or explicit arrays (tests).
+    ``pure`` gives an emotion's pure offset ``P(e) - P(neutral)`` (PC-Talk) directly, for examples that came with
+    their own neutral example; without it the pure offset subtracts the bank's ``neutral``. ``missing`` says why
+    an emotion has no offset (shown when a control that needs one is refused).
     """
 
-    def __init__(self, offsets: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        offsets: Mapping[str, Tensor],
+        pure: Mapping[str, Tensor] | None = None,
+        missing: Mapping[str, str] | None = None,
+    ) -> None:
         mask = region_mask(EMOTION)
         self.offsets: dict[str, Tensor] = {}
-        for name, value in offsets.items():
-            emotion_index(name)
-            if tuple(value.shape) != (NUM_KP, 3):
-                raise ValueError(f"emotion offset for {name!r} must be [{NUM_KP}, 3], got {list(value.shape)}")
-            self.offsets[name.lower()] = value.detach().to(torch.float32) * mask
+        self.pure_offsets: dict[str, Tensor] = {}
+        for target, given in ((self.offsets, offsets), (self.pure_offsets, pure or {})):
+            for name, value in given.items():
+                emotion_index(name)
+                if tuple(value.shape) != (NUM_KP, 3):
+                    raise ValueError(f"emotion offset for {name!r} must be [{NUM_KP}, 3], got {list(value.shape)}")
+                target[name.lower()] = value.detach().to(torch.float32).cpu() * mask
+        self.stored = frozenset(self.offsets)  # the emotions that have an offset of their own
+        self.missing = {k.lower(): v for k, v in (missing or {}).items()}
         if "neutral" not in self.offsets:
             self.offsets["neutral"] = torch.zeros(NUM_KP, 3)
 
@@ -68,9 +80,23 @@ class EmotionBank:
         with torch.no_grad():
             return cls({name: head(embed(name)).offsets[0] for name in EMOTIONS})
 
+    def has(self, name: str) -> bool:
+        """Whether ``name`` has an offset of its own (else it is zero and the caller uses another source)."""
+        return EMOTIONS[emotion_index(name)] in self.stored
+
+    def why_missing(self, name: str) -> str:
+        return self.missing.get(EMOTIONS[emotion_index(name)], "no stored example")
+
     def get(self, name: str) -> Tensor:
         idx = emotion_index(name)
         return self.offsets.get(EMOTIONS[idx], torch.zeros(NUM_KP, 3))
+
+    def pure(self, name: str) -> Tensor:
+        """``P(e) - P(neutral)``: only what the emotion adds (PC-Talk's pure emotional deformation)."""
+        key = EMOTIONS[emotion_index(name)]
+        if key in self.pure_offsets:
+            return self.pure_offsets[key]
+        return self.get(key) - self.get("neutral")
 
 
 def region_mask(region: Iterable[int]) -> Tensor:

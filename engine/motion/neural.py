@@ -1,9 +1,15 @@
 """The neural motion path as one :class:`engine.motion.base.MotionStage`.
 
 feature rows -> :class:`WindowScheduler` (diffusion windows) -> :class:`MotionStitch` (relative to the avatar)
--> optional lip head offsets -> :class:`MotionControls` (emotion, lips x loudness, blinks, gaze, head pose)
--> smoothing -> :class:`MotionFrame`. Everything is deterministic given the seeds in the config, so a stream
-pushed in any chunk sizes gives the same frames as the whole file at once.
+-> optional lip head offsets -> smoothing of the generated motion (the ``smoothing`` control) ->
+:class:`MotionControls` (stored emotions, lips x loudness, blinks and rest lips through the retargeting networks,
+gaze, head pose) -> :class:`MotionFrame`. The smoothing filters what the diffusion generated, not the blinks and
+ramps the controls draw (a filter would only blunt them). Everything is deterministic given the seeds in the config,
+so a stream pushed in any chunk sizes gives the same frames as the whole file at once.
+
+Stored emotions and the reference clip come from the motion library (:mod:`engine.motion.library`) through a
+:class:`~engine.motion.library.Watched` loader, polled when a control arrives, so an example added while a session
+runs is usable at once.
 """
 
 from __future__ import annotations
@@ -19,16 +25,16 @@ import torch
 from engine.audio.features import LogMelConfig, LogMelFeatures
 from engine.keypoints import MotionParams, SourceFace
 from engine.motion.base import MotionFrame
-from engine.motion.control_schema import ControlState, ControlValueError
+from engine.motion.control_schema import SMOOTHING_MODES, ControlState, ControlValueError
 from engine.motion.controls import ControllerConfig, MotionControls
 from engine.motion.decode import MotionBounds, MotionStitch, decode_motion
 from engine.motion.emotion import EmotionBank
 from engine.motion.heads import LipHead
+from engine.motion.library import NeuralStored, Watched
+from engine.motion.retarget import Retargeting
 from engine.motion.samplers.guidance import MaskedDenoiser
 from engine.motion.scheduler import NON_AUDIO_DIM, SchedulerConfig, SourceCondition, WindowScheduler
 from engine.motion.smoothing import ParamsSmoother, make_smoother
-
-SMOOTHING_MODES = ("none", "one_euro", "kalman")
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,24 @@ class NeuralMotionStage:
 
     CONTROLS: ClassVar[Mapping[str, str]] = MappingProxyType(
         {
-            "emotion": "the diffusion's emotion condition (Ditto's 8 MEAD classes)",
-            "intensity": "blends the emotion condition with neutral (0: neutral, 1: the emotion)",
-            "emotion_b": "second emotion of the interpolation (EDTalk): the conditions are blended",
+            "emotion": "a stored example's keypoint offset (engine emotion add), else the diffusion's emotion "
+            "condition (Ditto's 8 MEAD classes)",
+            "intensity": "scales the stored offset / blends the condition with neutral (0: neutral, 1: the emotion)",
+            "emotion_b": "second emotion of the interpolation (EDTalk): offsets and conditions are blended",
             "mix": "interpolation weight of emotion_b",
-            "emotion_source": "'label' only: 'reference' needs a reference clip",
+            "mouth_emotion": "mouth keypoints from this emotion's stored example (PC-Talk region mixing)",
+            "eyes_emotion": "eye and brow keypoints from this emotion's stored example",
+            "pure_emotion": "true: a stored example minus its neutral example (PC-Talk); false: the example's "
+            "expression replaces the portrait's",
+            "emotion_source": "'label', or 'reference': the emotion of the avatar's stored reference clip",
             "lip_scale": "scales the lip keypoints' motion",
             "loudness_lips": "scales lip motion with the audio's loudness (PC-Talk)",
-            "blink": "seeded blinks on the eye keypoints",
-            "blink_rate": "blinks per second",
+            "blink": "seeded blinks through the eye retargeting network (eye-open ratio -> 0)",
+            "blink_rate": "blinks per second (0: none), from the next blink on",
             "gaze": "seeded eye-ball saccades",
-            "head_pose": "'diffusion' (generated) or 'fixed' (the portrait's); 'reference' needs a reference clip",
+            "head_pose": "'diffusion' (generated), 'fixed' (the portrait's) or 'reference' (the stored clip's "
+            "trajectory)",
+            "smoothing": "filter of the generated motion: none, one_euro or kalman (PC-Talk)",
             "ramp_s": "seconds every change ramps over",
         }
     )
@@ -78,6 +91,8 @@ class NeuralMotionStage:
         bank: EmotionBank | None = None,
         lip_head: LipHead | None = None,
         bounds: MotionBounds | None = None,
+        retargeting: Retargeting | None = None,
+        stored: Watched[NeuralStored] | None = None,
     ) -> None:
         self.config = cfg = config or NeuralMotionConfig()
         self.source = source
@@ -99,11 +114,44 @@ class NeuralMotionStage:
         if lip_head is not None and lip_head.in_dim != self.feature_dim:
             raise ValueError(f"lip head reads {lip_head.in_dim} features, the stream has {self.feature_dim}")
         self.lip_head = lip_head
-        self.controls = MotionControls(source, bank, config=cfg.controller)
+        initial = ControlState(smoothing=cfg.smoothing)
+        self.controls = MotionControls(source, bank, config=cfg.controller, state=initial, retargeting=retargeting)
         self.untrained = bool(getattr(denoiser, "untrained", False)) or lip_head is not None
+        self._smoothing = cfg.smoothing
         self._smoother: ParamsSmoother | None = make_smoother(cfg.smoothing, cfg.smoothing_lag_frames, self.fps)
         self._silence = np.asarray(silence, np.float32).reshape(-1)
+        self._stored = stored
+        self._no_reference = "no reference clip is set for this avatar"
+        self._pending: NeuralStored | None = None
+        self._poll()
+        self._install()
         self._new_stream()
+
+    @property
+    def state(self) -> ControlState:
+        """The control state the stage runs (the session starts from it)."""
+        return self.controls.state
+
+    def _poll(self) -> None:
+        """Look for examples added to or removed from the motion library (on the thread that checks controls); the
+        stage's own thread installs them with the next control (:meth:`_install`), never in the middle of a frame."""
+        fresh = self._stored.poll() if self._stored is not None else None
+        if fresh is not None:
+            self._pending = fresh
+
+    def _install(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        bank, reference, why = pending
+        self.controls.set_bank(bank)
+        self._no_reference = why or self._no_reference
+        if reference is not None or not self._uses_reference(self.controls.state):
+            self.controls.set_reference(reference)
+
+    @staticmethod
+    def _uses_reference(state: ControlState) -> bool:
+        return state.head_pose == "reference" or state.emotion_source == "reference"
 
     def _new_stream(self) -> None:
         self._rows: dict[int, np.ndarray] = {}  # recent feature rows by frame index (lip head, loudness)
@@ -114,13 +162,38 @@ class NeuralMotionStage:
             self._smoother.reset()
 
     def check_controls(self, state: ControlState) -> None:
-        """What the schema allows but this stage cannot do yet (a reference clip is never set by the runtime)."""
-        if self.controls.reference is None and (state.head_pose == "reference" or state.emotion_source == "reference"):
-            raise ControlValueError("head_pose / emotion_source 'reference' need a reference clip for this avatar")
+        """Refuse what the schema allows but this avatar's stored examples cannot give (with the reason)."""
+        self._poll()
+        pending = self._pending
+        bank = pending[0] if pending is not None else self.controls.bank
+        reference = pending[1] if pending is not None else self.controls.reference
+        if reference is None and self._uses_reference(state):
+            why = (pending[2] if pending is not None else "") or self._no_reference
+            raise ControlValueError(f"head_pose / emotion_source 'reference': {why}")
+        for key in ("mouth_emotion", "eyes_emotion"):
+            name = getattr(state, key)
+            if name is not None and not bank.has(name):
+                raise ControlValueError(
+                    f"{key} {name!r}: region mixing moves keypoints by a stored example, and {name!r} has none "
+                    f"usable: {bank.why_missing(name)}"
+                )
+        if not state.pure_emotion and state.emotion_source == "label":
+            used = [state.emotion, state.emotion_b, state.mouth_emotion, state.eyes_emotion]
+            if not any(name is not None and bank.has(name) for name in used):
+                raise ControlValueError(
+                    f"pure_emotion false: only a stored example has an expression to put in place of the "
+                    f"portrait's, and {state.emotion!r} has none usable: {bank.why_missing(state.emotion)}"
+                )
 
     def apply_controls(self, state: ControlState) -> None:
+        self._install()
         self.controls.update(state.as_dict())
         self.scheduler.set_emotion(self.controls.emotion_label())
+        if state.smoothing != self._smoothing:
+            cfg = self.config
+            lag = max(cfg.smoothing_lag_frames, 1.0) if state.smoothing == "one_euro" else cfg.smoothing_lag_frames
+            self._smoothing = state.smoothing
+            self._smoother = make_smoother(state.smoothing, lag, self.fps)
 
     # --- MotionStage ---
 
@@ -161,9 +234,9 @@ class NeuralMotionStage:
             loud = None
             if self._loud_col is not None and f in self._rows:
                 loud = float(self._rows[f][self._loud_col])
-            p = self.controls.apply(p, f, loud)
             if self._smoother is not None:
                 p = self._smoother(p)
+            p = self.controls.apply(p, f, loud)
             frames.append(MotionFrame(f, p))
         horizon = start + vectors.shape[0] - self.config.lip_head_window
         for old in [g for g in self._rows if g < horizon]:
@@ -184,6 +257,8 @@ def build_neural_motion(
     source_cond: SourceCondition | None = None,
     bank: EmotionBank | None = None,
     lip_head: LipHead | None = None,
+    retargeting: Retargeting | None = None,
+    stored: Watched[NeuralStored] | None = None,
 ) -> NeuralMotionStage:
     """Neural motion stage for ``den`` driving ``source``.
 
@@ -200,4 +275,14 @@ def build_neural_motion(
                 "pass the feature stage's silence() (e.g. HubertStreaming)"
             )
         silence = LogMelFeatures(mel).silence()
-    return NeuralMotionStage(den, source, silence, config, source_cond=source_cond, bank=bank, lip_head=lip_head)
+    return NeuralMotionStage(
+        den,
+        source,
+        silence,
+        config,
+        source_cond=source_cond,
+        bank=bank,
+        lip_head=lip_head,
+        retargeting=retargeting,
+        stored=stored,
+    )

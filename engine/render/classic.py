@@ -5,7 +5,7 @@ land on the matching facial parts: LIP on mouth corners, inner lip edges and chi
 EMOTION adds the brows. Coordinates are normalised crop coordinates in [-1, 1] (x right, y down, z 0), the
 ``grid_sample(align_corners=False)`` convention, so pixel ``p`` maps to ``(2 p + 1) / S - 1``.
 
-Rendering (see ``docs/controls-classic.md``):
+Rendering (see ``docs/controls.md``):
 
 * the head pose is an affine map fitted to rigid anchor keypoints; what is left of each keypoint's motion is
   expression, which drives ~150 control points derived from the landmarks (``engine.render.classic_mesh``);

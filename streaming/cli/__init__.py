@@ -12,6 +12,7 @@ import click
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "weights": ("streaming.cli.weights", "weights", "Import and inspect checkpoints (LivePortrait, Ditto)."),
     "avatar": ("streaming.cli.avatar", "avatar", "Prepare, list and remove avatars."),
+    "emotion": ("streaming.cli.emotion", "emotion", "Emotions from example photos or clips (add, list, remove)."),
     "render": ("streaming.cli.render", "render", "Render a talking video from an audio file (offline)."),
     "serve": (
         "streaming.cli.serve",

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import click
 
-from engine.avatar.face import parse_crop
+from engine.avatar.face import FaceLocator, parse_crop
 from engine.avatar.image import AvatarError
 from engine.avatar.prepare import MissingLandmarksError, prepare_avatar
 from engine.avatar.store import DEFAULT_NAME, AvatarStore, validate_name
+from engine.config import ConfigError
+from engine.motion.examples import REFERENCE_SECONDS, ExampleError, describe, reference_clip
+from engine.motion.library import LibraryError, MotionLibrary
 from engine.paths import default_ditto_dir, default_weights_dir
 from engine.weights.checkpoint import RECORD_NAME, CheckpointError
+from streaming.cli.emotion import detectors_for, example_renderer, weights_options
 from streaming.pipelines import PipelineError, neural_renderer
 
 logger = logging.getLogger(__name__)
@@ -144,3 +148,51 @@ def show(name: str) -> None:
     meta["landmark_count"] = 0 if landmarks is None else len(landmarks)
     meta["weights_ids"] = list(info.weights_ids)
     click.echo(json.dumps({"name": info.name, **meta}, indent=2, sort_keys=True))
+
+
+@avatar.command("reference")
+@click.argument("name")
+@click.option("--clip", type=click.Path(path_type=Path), default=None, help="A video of a face moving and talking.")
+@click.option("--fps", type=click.IntRange(1, 120), default=25, show_default=True, help="Trajectory rate.")
+@click.option(
+    "--max-seconds",
+    type=click.FloatRange(0.2, 600.0),
+    default=REFERENCE_SECONDS,
+    show_default=True,
+    help="Read at most this much of the clip (sessions loop the trajectory forth and back).",
+)
+@click.option("--remove", "remove_", is_flag=True, help="Remove NAME's stored reference clip instead.")
+@weights_options
+def reference(
+    name: str,
+    clip: Path | None,
+    fps: int,
+    max_seconds: float,
+    remove_: bool,
+    mode: str,
+    weights: Path | None,
+    preset: str,
+) -> None:
+    """Store a reference clip for avatar NAME: its head-pose trajectory and statistics (head_pose: reference) and
+    its typical expression (emotion_source: reference)."""
+    try:
+        if remove_:
+            if not MotionLibrary().remove_reference(name):
+                raise click.ClickException(f"avatar {name!r} has no stored reference clip")
+            click.echo(f"removed the reference clip of avatar {name!r}")
+            return
+        if clip is None:
+            raise click.UsageError("give the clip: --clip VIDEO (or --remove)")
+        record = reference_clip(
+            AvatarStore().get(name),
+            clip,
+            renderer=example_renderer(mode, weights, preset),
+            locator=FaceLocator(detectors_for(weights)),
+            fps=float(fps),
+            max_seconds=max_seconds,
+        )
+        path = MotionLibrary().put_reference(record)
+    except (ExampleError, LibraryError, AvatarError, PipelineError, CheckpointError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stored {describe(record)}")
+    click.echo(f"  {path}")

@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
+from typing import Any
 
 import click
 
+from engine.motion.control_schema import ControlValueError, validate_control
+from streaming.cli.options import parse_controls
 from streaming.transports.webrtc.client import ClientError, ClientOptions, list_devices, run_client
 
 
@@ -70,6 +73,14 @@ def _device(value: str | None) -> str | int | None:
 @click.option("--ice-username", default=None, help="Username for the TURN servers.")
 @click.option("--ice-credential", envvar="AVATAR_ENGINE_ICE_CREDENTIAL", default=None, help="TURN credential.")
 @click.option(
+    "--control",
+    "control_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A control sent over the data channel once connected, repeatable, in order (e.g. --control emotion=happy "
+    "--control lip_scale=1.4); the server's refusals are printed with its reason. See docs/controls.md.",
+)
+@click.option(
     "--timeline",
     "timeline_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -95,6 +106,7 @@ def client(
     ice_username: str | None,
     ice_credential: str | None,
     timeline_out: Path | None,
+    control_items: tuple[str, ...],
 ) -> None:
     """Stream a microphone (--mic) or an audio file (--audio FILE) to a server; prints what was received as JSON."""
 
@@ -106,6 +118,14 @@ def client(
             raise click.UsageError("--url is required (the server root, e.g. http://127.0.0.1:8080)")
         if mic == (audio_file is not None):
             raise click.UsageError("choose exactly one audio source: --mic or --audio FILE (--wav FILE)")
+        controls = []
+        for item in control_items:  # checked against the schema here: a typo fails before connecting
+            message = parse_controls([item])
+            try:
+                validate_control(message)
+            except ControlValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--control") from exc
+            controls.append(message)
         options = ClientOptions(
             url=url,
             token=token,
@@ -123,6 +143,8 @@ def client(
             ice_username=ice_username,
             ice_credential=ice_credential,
             timeline_out=timeline_out,
+            controls=tuple(controls),
+            on_control_reply=_print_reply,
         )
 
         async def main() -> str:
@@ -137,3 +159,12 @@ def client(
         click.echo(asyncio.run(main()))
     except ClientError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _print_reply(sent: dict[str, Any], reply: dict[str, Any]) -> None:
+    """A control's answer, as it comes: refusals with the server's reason (stderr, so stdout stays the report)."""
+    text = ", ".join(f"{k}={v}" for k, v in sent.items())
+    if reply.get("type") == "ack":
+        click.echo(f"control {text}: applied", err=True)
+    else:
+        click.echo(f"control {text} refused: {reply.get('message') or reply}", err=True)

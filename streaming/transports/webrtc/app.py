@@ -13,6 +13,8 @@ Routes (``*`` = bearer token required when the server has one):
 - ``GET /watch?session=ID&token=T``: a page that watches a session over WHEP.
 - ``GET /ws?session=ID`` *: websocket ingest (binary PCM16 mono 16 kHz, text control JSON).
 - ``GET /metrics`` *: Prometheus text.
+- ``POST /emotions`` *: store an emotion from an uploaded example; ``GET /emotions``: the stored ones
+  (:mod:`streaming.transports.webrtc.emotions`).
 
 Every request passes one middleware: client errors (``WireError``, ``OfferError``) become 4xx responses naming the
 problem, a client that went away is logged at debug level, and anything else is logged once and answered 500, so
@@ -34,6 +36,7 @@ from PIL import Image
 from streaming.api import SessionFactory
 from streaming.prometheus import render_metrics
 from streaming.transports.webrtc.config import ServerConfig
+from streaming.transports.webrtc.emotions import emotion_handlers
 from streaming.transports.webrtc.sdp import OfferError, check_offer, parse_offer
 from streaming.transports.webrtc.server import SERVER_KEY, AvatarServer, Handler, protected
 from streaming.transports.webrtc.whip import add_routes
@@ -184,6 +187,9 @@ def create_app(factory: SessionFactory, config: ServerConfig | None = None) -> w
     add_routes(app)
     app.router.add_get("/ws", protected(ws_handler, allow_query=True))
     app.router.add_get("/metrics", protected(metrics))
+    upload_emotion, list_emotions = emotion_handlers(factory)
+    app.router.add_post("/emotions", protected(upload_emotion))
+    app.router.add_get("/emotions", list_emotions)
     app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
 
     async def on_cleanup(app: web.Application) -> None:

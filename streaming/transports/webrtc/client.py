@@ -49,6 +49,7 @@ from streaming.transports.webrtc.playout import ClientError, PlayoutClock
 from streaming.transports.webrtc.recorder import SessionRecorder
 from streaming.transports.webrtc.virtual_camera import VIRTUAL_CAMERA_HINT, VirtualCameraSink
 from streaming.transports.webrtc.window import WindowSink
+from streaming.wire import WireError, parse_json_object
 
 __all__ = [
     "PORTAUDIO_HINT",
@@ -78,6 +79,7 @@ MIN_AV_ONSETS = 5
 MIN_AV_FPS = 15.0
 HALVES_AGREE_S = 0.08
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+MAX_REPLY_BYTES = 256 * 1024  # a reply echoes the control state; stats messages are a few KiB
 
 
 # --- audio sources ------------------------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class ClientReport:
     av_sync: str = "unmeasured"  # "reliable", or "unreliable: <why>" (then av_offset_ms means little)
     controls_acked: int = 0
     controls_failed: int = 0
+    controls: list[dict[str, Any]] = field(default_factory=list)  # each --control: what was sent, the reply
     server: dict[str, Any] = field(default_factory=dict)
     last_stats: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)  # what each output did (window, camera, speaker)
@@ -365,10 +368,10 @@ class AvatarClient:
                 return reply
 
     def _on_message(self, message: str | bytes) -> None:
-        try:
-            data = json.loads(message)
-        except ValueError:
-            logger.warning("server sent a non-JSON message")
+        try:  # the server's replies pass the same strict parsing as what it reads from clients
+            data = parse_json_object(message, "server data-channel message", MAX_REPLY_BYTES)
+        except WireError as exc:
+            logger.warning("ignored: %s", exc)
             return
         if data.get("type") == "stats":
             self.report.last_stats = data
@@ -507,6 +510,8 @@ class ClientOptions:
     ice_credential: str | None = None
     fps_hint: int = 25
     timeline_out: Path | None = None  # write when each frame arrived and was shown (JSON) here
+    controls: tuple[dict[str, Any], ...] = ()  # control messages sent over the data channel once it is open
+    on_control_reply: Callable[[dict[str, Any], dict[str, Any]], None] | None = None  # (sent, reply) of each
 
     def __post_init__(self) -> None:
         if not self.video_timeout_s > 0:
@@ -547,7 +552,7 @@ class _Controls:
             self.emotion = str(reply.get("state", {}).get("emotion", self.emotion))
             logger.info("control %s: ok", values)
         else:
-            logger.warning("control %s refused: %s", values, reply.get("error") or reply)
+            logger.warning("control %s refused: %s", values, reply.get("message") or reply)
 
 
 def _status(client: AvatarClient, window: WindowSink, controls: _Controls | None) -> str:
@@ -600,6 +605,8 @@ async def run_client(options: ClientOptions, stop: asyncio.Event | None = None) 
                 raise ClientError(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
             if info.get("banner"):
                 logger.warning("server: %s", info["banner"])
+            if options.controls:
+                runners.append(_watched(client, _send_controls(client, options), "client-controls"))
             fps = int(info.get("fps", options.fps_hint))
             if window is not None:
                 controls = _Controls(client, stop, info.get("emotions") or [])
@@ -649,6 +656,22 @@ async def run_client(options: ClientOptions, stop: asyncio.Event | None = None) 
     if report.av_sync.startswith("unreliable"):
         logger.warning("A/V offset estimate %+.0f ms is %s", report.av_offset_ms or 0.0, report.av_sync)
     return report
+
+
+async def _send_controls(client: AvatarClient, options: ClientOptions) -> None:
+    """Send each ``--control`` message in order once the data channel is open; every reply goes to the report
+    (and to ``on_control_reply``), a refusal with the server's reason."""
+    for values in options.controls:
+        try:
+            reply = await client.control(**values)
+        except (asyncio.TimeoutError, ConnectionError) as exc:
+            reply = {"type": "error", "message": f"no answer from the server ({exc or type(exc).__name__})"}
+        entry = {"sent": dict(values), "reply": reply.get("type"), "message": reply.get("message")}
+        client.report.controls.append({k: v for k, v in entry.items() if v is not None})
+        if options.on_control_reply is not None:
+            options.on_control_reply(dict(values), reply)
+        elif reply.get("type") != "ack":
+            logger.warning("control %s refused: %s", values, reply.get("message") or reply)
 
 
 def _watched(client: AvatarClient, run: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from aioice import stun
 from click.testing import CliRunner
 
+from engine.motion.control_schema import ControlState
 from streaming.api import LiveSession
 from streaming.cli import main
 from streaming.frames import VideoFrame
@@ -102,9 +103,22 @@ async def test_client_streams_a_file_and_records_one_muxed_mp4(tmp_path: Path) -
         assert code != 0 and "401" in err
         # mp3 (what `engine render` accepts) streams too
         mp3 = write_mp3(tmp_path / "tone.mp3", 220.0, 1.5)
-        code, out, err = await run_engine("client", "--url", url, "--token", "t0k", "--audio", str(mp3))
+        # with controls: sent over the data channel in order, each answer printed (a refusal with the reason)
+        code, out, err = await run_engine(
+            "client", "--url", url, "--token", "t0k", "--audio", str(mp3),
+            "--control", "emotion=happy", "--control", "blink_rate=1.5", "--control", "intensity=0.4",
+        )  # fmt: skip
         assert code == 0, err
-        assert json.loads(out)["video_frames"] > 25 and factory.sessions[-1].pushed_samples >= 1.4 * 16_000
+        report = json.loads(out)
+        assert report["video_frames"] > 25 and factory.sessions[-1].pushed_samples >= 1.4 * 16_000
+        assert "control emotion=happy: applied" in err and "control intensity=0.4: applied" in err, err
+        assert "control blink_rate=1.5 refused: blink_rate: not supported by this session" in err, err
+        assert [c["reply"] for c in report["controls"]] == ["ack", "error", "ack"], report["controls"]
+        state = factory.sessions[-1].control_state
+        assert (state.emotion, state.intensity, state.blink_rate) == ("happy", 0.4, ControlState().blink_rate)
+        # a value outside the schema fails before connecting, naming the control
+        code, out, err = await run_engine("client", "--url", url, "--audio", str(mp3), "--control", "lip_scale=9")
+        assert code != 0 and "--control" in err and "lip_scale" in err, err
     finally:
         await server.close()
 

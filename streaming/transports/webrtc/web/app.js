@@ -3,6 +3,13 @@
 "use strict";
 
 const EMOTIONS = ["neutral", "happy", "sad", "angry", "surprised", "disgusted", "fear", "contempt"];
+// the order controls are shown in (any other key of the schema follows)
+const ORDER = ["emotion", "intensity", "emotion_b", "mix", "mouth_emotion", "eyes_emotion", "pure_emotion",
+  "emotion_source", "lip_scale", "loudness_lips", "head_pose", "blink", "blink_rate", "gaze", "smoothing", "ramp_s"];
+const LABELS = { emotion_b: "second emotion", mix: "mix (second emotion)", mouth_emotion: "mouth emotion",
+  eyes_emotion: "eyes emotion", pure_emotion: "pure emotion", emotion_source: "emotion source",
+  lip_scale: "lip scale", loudness_lips: "lips follow loudness", head_pose: "head pose", blink_rate: "blinks / s",
+  ramp_s: "ramp (s)" };
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
@@ -10,6 +17,10 @@ let pc = null;
 let channel = null;
 let statsTimer = null;
 let nextId = 1;
+let schema = {};  // control -> {kind, choices | min/max, default, honoured, does}
+let stored = [];  // emotions with a stored example for this server's avatar
+let state = {};  // the session's state as last acknowledged
+const pending = new Map();  // message id -> the keys it changed (a refusal names them)
 const live = { framesDecoded: 0, freezeCount: 0, fps: 0, serverFps: null, latencyMs: null, acks: 0, errors: 0 };
 
 function setStatus(text, isError = false) {
@@ -32,16 +43,102 @@ function describe(info) {
   else if (info.untrained) showBanner("untrained weights — the video is noise; import LivePortrait/Ditto weights");
 }
 
-function fillEmotions(list) {
-  const select = $("emotion");
+function options(select, list, none = false) {
   select.innerHTML = "";
-  for (const name of list) {
+  for (const name of (none ? [""] : []).concat(list)) {
     const option = document.createElement("option");
     option.value = name;
-    option.textContent = name;
+    option.textContent = name === "" ? "(none)" : stored.includes(name) ? `${name} (example)` : name;
     select.appendChild(option);
   }
-  select.value = "neutral";
+}
+
+function fillEmotions(list) {
+  for (const [key, spec] of Object.entries(schema)) {
+    if (spec.kind === "emotion" || spec.kind === "emotion?") {
+      const select = $(key);
+      const keep = select.value;
+      options(select, list, spec.kind === "emotion?");
+      select.value = keep || (spec.kind === "emotion" ? "neutral" : "");
+    }
+  }
+  options($("upload-name"), list);
+}
+
+function widgetValue(key) {
+  const spec = schema[key];
+  const el = $(key);
+  if (spec.kind === "bool") return el.checked;
+  if (spec.kind === "float") return Number(el.value);
+  if (spec.kind === "emotion?") return el.value === "" ? null : el.value;
+  return el.value;
+}
+
+function showValue(key, value) {
+  const spec = schema[key];
+  const el = $(key);
+  if (!el) return;
+  if (spec.kind === "bool") el.checked = Boolean(value);
+  else if (spec.kind === "emotion?") el.value = value === null || value === undefined ? "" : value;
+  else el.value = String(value);
+  const out = $(`${key}-value`);
+  if (out) out.textContent = Number(value).toFixed(2);
+}
+
+function buildControls(info) {
+  // one widget per control the schema has: ranges and choices are the server's, what the session's motion
+  // generator does not honour stays visible but disabled, with what it would take
+  schema = info.control_schema || {  // an older server: the two controls every server had
+    emotion: { kind: "emotion", choices: EMOTIONS, default: "neutral" },
+    intensity: { kind: "float", min: 0, max: 1.5, default: 1 },
+  };
+  stored = Array.isArray(info.stored_emotions) ? info.stored_emotions : [];
+  const box = $("controls");
+  box.innerHTML = "";
+  const keys = ORDER.filter((k) => k in schema).concat(Object.keys(schema).filter((k) => !ORDER.includes(k)));
+  for (const key of keys) {
+    const spec = schema[key];
+    const row = document.createElement("div");
+    row.className = "control";
+    const label = document.createElement("label");
+    label.htmlFor = key;
+    label.textContent = LABELS[key] || key;
+    let el;
+    if (spec.kind === "bool") {
+      el = document.createElement("input");
+      el.type = "checkbox";
+    } else if (spec.kind === "float") {
+      el = document.createElement("input");
+      el.type = "range";
+      el.min = spec.min;
+      el.max = spec.max;
+      el.step = (spec.max - spec.min) / 100;
+      const out = document.createElement("output");
+      out.id = `${key}-value`;
+      label.appendChild(out);
+      el.oninput = () => { out.textContent = Number(el.value).toFixed(2); };
+    } else {
+      el = document.createElement("select");
+      options(el, spec.choices || [], spec.kind === "emotion?");
+    }
+    el.id = key;
+    el.disabled = spec.honoured === false;
+    row.title = spec.honoured === false ? `not honoured by this server's ${info.motion || ""} motion` : spec.does || "";
+    if (spec.honoured === false) row.classList.add("disabled");
+    el.onchange = () => sendControl({ [key]: widgetValue(key) });
+    const why = document.createElement("div");
+    why.className = "why";
+    why.id = `${key}-why`;
+    row.append(label, el, why);
+    box.appendChild(row);
+    showValue(key, spec.default);
+  }
+  if ("intensity" in schema && state.intensity === undefined) showValue("intensity", 0.5);
+}
+
+function applyState(next) {
+  state = { ...state, ...next };
+  for (const [key, value] of Object.entries(state)) if (key in schema) showValue(key, value);
 }
 
 function authHeaders() {
@@ -51,7 +148,9 @@ function authHeaders() {
 
 function sendControl(message) {
   if (!channel || channel.readyState !== "open") return;
-  channel.send(JSON.stringify({ id: nextId++, ...message }));
+  const id = nextId++;
+  pending.set(id, Object.keys(message));
+  channel.send(JSON.stringify({ id, ...message }));
 }
 
 function onChannelMessage(event) {
@@ -71,9 +170,19 @@ function onChannelMessage(event) {
     showVideoState(data.video_state, data.video_fps);
   } else if (data.type === "ack") {
     live.acks += 1;
+    for (const key of pending.get(data.id) || []) if ($(`${key}-why`)) $(`${key}-why`).textContent = "";
+    pending.delete(data.id);
+    applyState(data.state || {});
     setStatus("control applied");
   } else if (data.type === "error") {
     live.errors += 1;
+    live.lastError = data.message;
+    // the widget goes back to the session's state and shows why the server refused
+    for (const key of pending.get(data.id) || []) {
+      if ($(`${key}-why`)) $(`${key}-why`).textContent = data.message;
+      if (key in state) showValue(key, state[key]);
+    }
+    pending.delete(data.id);
     setStatus(`control rejected: ${data.message}`, true);
   }
   publish();
@@ -149,7 +258,10 @@ async function start() {
   channel.onmessage = onChannelMessage;
   channel.onopen = () => {
     $("interrupt").disabled = false;
-    sendControl({ emotion: $("emotion").value, intensity: Number($("intensity").value) });
+    // the first message: the page's emotion and intensity; its acknowledgement brings the session's whole state
+    const first = {};
+    for (const key of ["emotion", "intensity"]) if (key in schema && schema[key].honoured !== false) first[key] = widgetValue(key);
+    sendControl(first);
   };
 
   const remote = new MediaStream();
@@ -213,21 +325,45 @@ function stop() {
   $("interrupt").disabled = true;
 }
 
+async function uploadEmotion(event) {
+  event.preventDefault();
+  const form = new FormData($("emotion-form"));
+  if (!$("upload-neutral").files.length) form.delete("neutral");
+  $("upload").disabled = true;
+  $("upload-status").textContent = "extracting the expression…";
+  try {
+    const response = await fetch("/emotions", { method: "POST", headers: authHeaders(), body: form });
+    const reply = await response.json().catch(() => ({ message: `HTTP ${response.status}` }));
+    $("upload-status").textContent = response.ok ? reply.message : `refused: ${reply.message}`;
+    $("upload-status").style.color = response.ok ? "" : "#e55";
+    if (response.ok) await refreshHealth();
+  } catch (err) {
+    $("upload-status").textContent = `upload failed: ${err}`;
+  } finally {
+    $("upload").disabled = false;
+  }
+}
+
+async function refreshHealth() {
+  const info = await (await fetch("/health")).json();
+  describe(info);
+  if (!Object.keys(schema).length) buildControls(info);
+  stored = Array.isArray(info.stored_emotions) ? info.stored_emotions : stored;
+  fillEmotions(Array.isArray(info.emotions) && info.emotions.length ? info.emotions : EMOTIONS);
+  applyState(state);
+  return info;
+}
+
 async function init() {
-  fillEmotions(EMOTIONS);
   $("token").value = params.get("token") || "";
   $("token").onchange = showPreview;
   showPreview();
   $("start").onclick = () => start().catch((err) => { setStatus(`error: ${err}`, true); stop(); });
   $("stop").onclick = stop;
   $("interrupt").onclick = () => sendControl({ interrupt: true });
-  $("emotion").onchange = () => sendControl({ emotion: $("emotion").value });
-  $("intensity").oninput = () => { $("intensity-value").textContent = $("intensity").value; };
-  $("intensity").onchange = () => sendControl({ intensity: Number($("intensity").value) });
+  $("emotion-form").onsubmit = uploadEmotion;
   try {
-    const info = await (await fetch("/health")).json();
-    describe(info);
-    if (Array.isArray(info.emotions) && info.emotions.length) fillEmotions(info.emotions);
+    await refreshHealth();
   } catch {
     setStatus("server not reachable", true);
   }

@@ -81,6 +81,25 @@ async def test_page_receives_decoded_video(tmp_path: Path) -> None:
                 await asyncio.sleep(0.1)
             assert session.control_state.emotion == "sad"
             assert np.isfinite(stats["latencyMs"])
+            # one widget per control of /health's schema: the session's honoured ones enabled, the rest disabled
+            info = factory.describe()
+            widgets = await page.evaluate(
+                "Array.from(document.querySelectorAll('#controls .control')).map(r => {"
+                "const el = r.querySelector('input, select'); return [el.id, el.disabled]; })"
+            )
+            assert dict(widgets) == {k: k not in info["controls"] for k in info["control_schema"]}, widgets
+            # a control the server refuses shows the server's reason beside it (forced on: the session refuses it)
+            await page.evaluate(
+                "const b = document.getElementById('blink_rate'); b.disabled = false; b.value = '1.5';"
+                "b.dispatchEvent(new Event('change'))"
+            )
+            why = ""
+            for _ in range(50):
+                why = await page.evaluate("document.getElementById('blink_rate-why').textContent")
+                if why:
+                    break
+                await asyncio.sleep(0.1)
+            assert "blink_rate: not supported by this session" in why, why
     finally:
         await server.close()
 
