@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from engine.avatar.geometry import CROP_SIZE
 from engine.avatar.image import AvatarError
 from engine.avatar.record import Avatar
 from engine.paths import avatars_dir
-from engine.weights.checkpoint import atomic_directory
+from engine.weights.checkpoint import atomic_directory, atomic_file
 
 STORE_FORMAT = 1
 DEFAULT_NAME = "default"
@@ -75,19 +73,6 @@ def _read_png(path: Path) -> np.ndarray:
 def _write_features(path: Path, weights_id: str, features: Mapping[str, np.ndarray]) -> None:
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in features.items()}
     save_file(tensors, str(path), metadata={"weights_id": weights_id})
-
-
-def _replace_file(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` and rename over ``path``: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -181,7 +166,7 @@ class AvatarStore:
                 self.put_features(avatar.content_hash, weights_id, features)
         else:
             self._write_entry(entry, avatar, info or {})
-        _replace_file(self._name_file(name), lambda p: p.write_text(avatar.content_hash + "\n"))
+        atomic_file(self._name_file(name), lambda p: p.write_text(avatar.content_hash + "\n"))
         if old is not None and old != avatar.content_hash:
             self._drop_if_unreferenced(old)
         return self.get(name)
@@ -193,7 +178,7 @@ class AvatarStore:
         if not entry.is_dir():
             raise AvatarError(f"no stored avatar with hash {content_hash}")
         path = entry / "features" / _features_file(weights_id)
-        _replace_file(path, lambda p: _write_features(p, weights_id, features))
+        atomic_file(path, lambda p: _write_features(p, weights_id, features))
 
     def personal_dir(self, name: str, space: str) -> Path:
         """Where the personal motion model of ``name`` in motion space ``space`` lives (it may not exist)."""

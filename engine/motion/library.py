@@ -32,8 +32,6 @@ the example's.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -52,6 +50,7 @@ from engine.motion.emotion import EMOTIONS, EmotionBank, ReferenceMotion, emotio
 from engine.paths import engine_home
 from engine.render.classic import keypoints_from_landmarks
 from engine.render.classic_mesh import ANCHORS, LID_REF_GAP
+from engine.weights.checkpoint import atomic_file
 
 LIBRARY_FORMAT = 1
 _SAFE_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
@@ -203,23 +202,11 @@ class Watched(Generic[T]):
 # --- files -----------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_pair(base: Path, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
     # tensors first: a reader finds the JSON only once its tensors are in place
-    _atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(arrays, str(p)))
-    _atomic_write(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_file(base.with_suffix(".safetensors"), lambda p: save_file(arrays, str(p)))
+    atomic_file(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
 
 def _read_pair(base: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -256,7 +243,7 @@ class MotionLibrary:
             return ""
 
     def _bump(self) -> None:
-        _atomic_write(self.root / "VERSION", lambda p: p.write_text(uuid.uuid4().hex + "\n"))
+        atomic_file(self.root / "VERSION", lambda p: p.write_text(uuid.uuid4().hex + "\n"))
 
     # -- emotions --
     def put_emotion(self, example: EmotionExample) -> Path:

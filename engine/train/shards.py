@@ -14,8 +14,6 @@ that stops (crash, Ctrl-C) loses at most the clips of the shard in progress and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from engine.weights.checkpoint import atomic_file
 
 INDEX_NAME = "index.json"
 REPORT_NAME = "report.json"
@@ -36,15 +36,7 @@ class DatasetError(ValueError):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_file(path, lambda p: p.write_text(json.dumps(data, indent=1, sort_keys=True)))
 
 
 def read_index(root: Path) -> dict[str, Any]:
@@ -123,15 +115,7 @@ class ShardWriter:
             return
         name = f"shards/shard-{len(self.index['shards']):05d}.safetensors"
         path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".shard.tmp-", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self._buffer, tmp, metadata={"format": str(FORMAT)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_file(path, lambda p: save_file(self._buffer, str(p), metadata={"format": str(FORMAT)}))
         for meta in self._pending:
             meta["shard"] = name
         self.index["clips"].extend(self._pending)
