@@ -139,7 +139,14 @@ def backends(**options: Any) -> None:
     help="offline: engine render -> mp4; live: engine serve --webrtc -> aiortc peer; browser: the page in "
     "headless Chromium.",
 )
-@click.option("--seconds", type=click.FloatRange(4.0, 60.0), default=10.0, show_default=True, help="Signal length.")
+@click.option(
+    "--seconds",
+    type=click.FloatRange(4.0, 900.0),
+    default=10.0,
+    show_default=True,
+    help="Signal length (browser: how long the page is recorded; from 60 s on, the first and last 20 s are also "
+    "measured on their own: drift).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the burst signal.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def sync(mode: str, seconds: float, seed: int, out: Path | None) -> None:

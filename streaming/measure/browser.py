@@ -253,6 +253,27 @@ def measure_page_series(data: dict[str, Any]) -> SyncMeasure:
     return result
 
 
+DRIFT_WINDOW_S = 20.0  # the first and the last this many seconds of a long recording are measured on their own
+
+
+def drift_windows(data: dict[str, Any], window_s: float = DRIFT_WINDOW_S) -> dict[str, float] | None:
+    """Offset (ms) over the first and the last ``window_s`` of the page's series, and their difference: a
+    playout that drifts over a long session shows here, where the whole-recording offset would average it away.
+    None when the recording is shorter than three windows."""
+    video = data["video"]
+    if not video or (video[-1][0] - video[0][0]) / 1000.0 < 3 * window_s:
+        return None
+    t0, t1 = video[0][0], video[-1][0]
+    found = {}
+    for name, lo in (("start", t0), ("end", t1 - window_s * 1000.0)):
+        part = dict(data, stats=None)
+        part["video"] = [r for r in video if lo <= r[0] < lo + window_s * 1000.0]
+        part["audio"] = [r for r in data["audio"] if lo <= r[0] < lo + window_s * 1000.0]
+        found[f"{name}_offset_ms"] = round(measure_page_series(part).offset_ms, 1)
+    found["drift_ms"] = round(found["end_offset_ms"] - found["start_offset_ms"], 1)
+    return found
+
+
 def receiver_delay_offset_ms(stats: list[Any] | None) -> float | None:
     """Cross-check from getStats over the measured window: (video jitter buffer + decode) minus audio jitter
     buffer, per emitted frame/sample. Both tracks leave the server on one clock over loopback, so this is how much
@@ -281,4 +302,5 @@ async def measure_browser(seconds: float = 10.0, seed: int = 0, workdir: Path | 
             lag = await server_picture_lag_ms(url)
     result = measure_page_series(data)
     result.notes["picture_lag_ms"] = lag
+    result.notes["drift"] = drift_windows(data)  # long runs (>= 60 s): start vs end, e.g. --seconds 600
     return result

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
-from streaming.measure.browser import measure_browser, measure_page_series
+from streaming.measure.browser import drift_windows, measure_browser, measure_page_series
 from streaming.measure.live import SyncError
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(150)]
@@ -45,3 +46,27 @@ def test_page_series_must_hold_enough() -> None:
     data = {"video": [[0.0, 0.0, 0.0, 0.5]] * 10, "audio": [[0.0, 0.0]] * 10}
     with pytest.raises(SyncError, match="recorded 10 frames"):
         measure_page_series(data)
+
+
+def test_drift_windows_find_a_picture_that_slips_late() -> None:
+    """A page series whose picture is in sync for the first half and 2 frames late in the second: the start and end
+    windows measure ~0 and ~+80 ms, the whole recording something between."""
+    rng = np.random.default_rng(3)
+    edges = np.cumsum(rng.uniform(0.25, 0.6, 400))  # on/off bursts over the whole recording (s)
+    loud = lambda t: (np.searchsorted(edges, t) % 2).astype(np.float64)  # noqa: E731
+    frames = np.arange(0.0, 70.0, 1 / 25)
+    # in sync, frame t shows the sound of [t, t + 40 ms) (the instrument's pairing): its middle; later 80 ms late
+    shift = np.where(frames < 35.0, -0.02, 0.06)
+    audio_t = np.arange(0.0, 70.0, 0.004)
+    data = {
+        "video": [[1000 * t, 0.0, 0.0, float(v)] for t, v in zip(frames, loud(frames - shift), strict=True)],
+        "audio": [[1000 * t, float(v)] for t, v in zip(audio_t, 0.1 * loud(audio_t), strict=True)],
+        "baseLatency": 0.0, "outputLatency": 0.0, "fftSize": 0, "sampleRate": 48_000,
+    }  # fmt: skip
+    found = drift_windows(data)
+    assert found is not None
+    assert abs(found["start_offset_ms"]) <= 10.0, found
+    assert found["end_offset_ms"] == pytest.approx(80.0, abs=10.0), found
+    assert found["drift_ms"] == pytest.approx(80.0, abs=15.0), found
+    short = dict(data, video=data["video"][:1000])  # 40 s: shorter than three windows
+    assert drift_windows(short) is None
