@@ -409,10 +409,15 @@ def _add_hint(name: str) -> str:
     return f"engine emotion add {name} --from IMAGE_OR_CLIP"
 
 
-def keypoint_bank(library: MotionLibrary, avatar: str, source: SourceFace, weights_id: str) -> EmotionBank:
-    """The stored emotions of ``avatar`` as keypoint offsets relative to its portrait (see the module docstring);
-    emotions without a usable example are listed in the bank's ``missing`` with the reason."""
-    examples: dict[str, KeypointEmotion] = {}
+def _stored_examples(
+    library: MotionLibrary,
+    avatar: str,
+    usable: Callable[[EmotionExample], T | None],
+    unusable: Callable[[str, list[EmotionExample]], str],
+) -> tuple[dict[str, T], dict[str, str]]:
+    """Per emotion, the first stored example ``avatar`` may use that has what a renderer needs (``usable``), and for
+    the others why not: the library's error, nothing stored, or ``unusable(name, found)``."""
+    picked: dict[str, T] = {}
     missing: dict[str, str] = {}
     for name in EMOTIONS:
         try:
@@ -420,20 +425,36 @@ def keypoint_bank(library: MotionLibrary, avatar: str, source: SourceFace, weigh
         except LibraryError as exc:
             missing[name] = str(exc)
             continue
-        usable = [c.keypoints for c in found if c.keypoints is not None and c.keypoints.weights_id == weights_id]
-        if usable:
-            examples[name] = usable[0]
+        first = next((u for u in map(usable, found) if u is not None), None)
+        if first is not None:
+            picked[name] = first
         elif not found:
             missing[name] = f"no stored example ({_add_hint(name)})"
-        elif found[0].keypoints is None:
-            missing[name] = f"its stored example ({found[0].source}) has no LivePortrait keypoints: it was added "
-            missing[name] += "without LivePortrait weights; add it again with them"
         else:
-            missing[name] = (
-                f"its stored example ({found[0].source}) was made with renderer weights "
-                f"{found[0].keypoints.weights_id!r}, this renderer runs {weights_id!r}: "
-                f"add it again ({_add_hint(name)})"
-            )
+            missing[name] = unusable(name, found)
+    return picked, missing
+
+
+def keypoint_bank(library: MotionLibrary, avatar: str, source: SourceFace, weights_id: str) -> EmotionBank:
+    """The stored emotions of ``avatar`` as keypoint offsets relative to its portrait (see the module docstring);
+    emotions without a usable example are listed in the bank's ``missing`` with the reason."""
+
+    def unusable(name: str, found: list[EmotionExample]) -> str:
+        kp = found[0].keypoints
+        if kp is None:
+            return (f"its stored example ({found[0].source}) has no LivePortrait keypoints: it was added "
+                    "without LivePortrait weights; add it again with them")  # fmt: skip
+        return (
+            f"its stored example ({found[0].source}) was made with renderer weights {kp.weights_id!r}, this "
+            f"renderer runs {weights_id!r}: add it again ({_add_hint(name)})"
+        )
+
+    examples, missing = _stored_examples(
+        library,
+        avatar,
+        lambda c: c.keypoints if c.keypoints is not None and c.keypoints.weights_id == weights_id else None,
+        unusable,
+    )
     if not examples:  # nothing stored: no read-back of the portrait from the device (a session per avatar)
         return EmotionBank({}, pure={}, missing=missing)
     src = source.params.exp[0].detach().float().cpu().numpy()  # [21, 3] the portrait's own expression
@@ -533,21 +554,12 @@ def mesh_emotions(
 ) -> tuple[dict[str, MeshOffsets], dict[str, str]]:
     """``(pure offsets per emotion with a stored example, why the others have none)`` for classic motion.
     ``portrait``: the avatar's own aligned shape ``[21, 2]``, the neutral reference of last resort."""
-    shapes: dict[str, MeshEmotion] = {}
-    missing: dict[str, str] = {}
-    for name in EMOTIONS:
-        try:
-            found = library.candidates(name, avatar)
-        except LibraryError as exc:
-            missing[name] = str(exc)
-            continue
-        usable = [c.mesh for c in found if c.mesh is not None]
-        if usable:
-            shapes[name] = usable[0]
-        elif not found:
-            missing[name] = f"no stored example ({_add_hint(name)})"
-        else:
-            missing[name] = f"its stored example ({found[0].source}) has no 68-point landmarks for classic mode"
+    shapes, missing = _stored_examples(
+        library,
+        avatar,
+        lambda c: c.mesh,
+        lambda name, found: f"its stored example ({found[0].source}) has no 68-point landmarks for classic mode",
+    )
     stored_neutral = shapes.get("neutral")
     out: dict[str, MeshOffsets] = {}
     for name, mesh in shapes.items():
