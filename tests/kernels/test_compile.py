@@ -127,3 +127,35 @@ def test_cmake_builds_kernel_objects(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(build.rglob("avatar_kernels.cu.o"))
+
+
+def _tensorrt_headers() -> Path:
+    root = os.environ.get("TENSORRT_ROOT")
+    if not root or not (Path(root) / "include" / "NvInferRuntime.h").is_file():
+        pytest.skip("TensorRT headers not installed (set TENSORRT_ROOT to a TensorRT 10+ prefix with include/)")
+    return Path(root)
+
+
+@pytest.mark.slow
+def test_trt_plugin_library_builds_and_keeps_its_contract(tmp_path: Path) -> None:
+    """With TensorRT's headers (no GPU, no libnvinfer needed): CMake builds libavatar_engine_trt_plugins.so with no
+    undefined symbols, and kernels/testing/trt_contract.cpp loads it as TensorRT would and checks every plugin's
+    identity, output types and shapes, format negotiation and shape refusals."""
+    root = _tensorrt_headers()
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not installed")
+    build = tmp_path / "build"
+    configure = [cmake, "-S", str(CSRC.parents[1]), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={_nvcc()}"]
+    steps = [
+        [*configure, "-DAVATAR_CUDA_ARCHITECTURES=80", f"-DTENSORRT_ROOT={root}"],
+        [cmake, "--build", str(build), "--target", "avatar_trt_contract"],
+    ]
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    library = next(build.rglob("libavatar_engine_trt_plugins.so"))
+    checker = next(build.rglob("avatar_trt_contract"))
+    result = subprocess.run([str(checker), str(library)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok: ")
