@@ -84,6 +84,39 @@ def test_onnxruntime_float16_keeps_fp32_io() -> None:
     assert 0 < err <= 1e-2
 
 
+def test_onnxruntime_runs_through_io_binding_into_torch_tensors(
+    nets: liveportrait.LivePortraitNets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inputs are bound where the torch tensors live and outputs written into torch tensors: no NumPy round trip
+    and no ``session.run`` per call (on CUDA that round trip moved the feature volume over the bus twice)."""
+    import onnxruntime as ort
+
+    graph = graphs.renderer_graphs(nets, names=["warping"])["warping"]
+    runner = get_backend(BackendConfig("onnxruntime", "cpu", "fp32")).load(graph)
+    inputs = graph.example_inputs(3)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a NumPy / session.run round trip on the hot path")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+    monkeypatch.setattr(ort.InferenceSession, "run", refuse)
+    got = runner(*inputs)
+    monkeypatch.undo()
+    assert [tuple(t.shape) for t in got] == [(3, 32, 16, 16), (3, 1, 16, 16), (3, 2, 16, 16, 3)]
+    assert _max_err(got, graph.run(*inputs)) <= TOL
+    assert _max_err(runner(*graph.example_inputs(1)), graph.run(*graph.example_inputs(1))) <= TOL  # new batch size
+
+
+def test_onnxruntime_output_of_unknown_shape_is_copied_out(nets: liveportrait.LivePortraitNets) -> None:
+    """An output whose declared shape has a symbol no input carries is allocated by onnxruntime and copied out."""
+    graph = graphs.renderer_graphs(nets, names=["stitching"])["stitching"]
+    runner = get_backend(BackendConfig("onnxruntime", "cpu", "fp32")).load(graph)
+    bound = runner._fn
+    bound.outputs = [(name, dtype, ("rows", *shape[1:])) for name, dtype, shape in bound.outputs]
+    inputs = graph.example_inputs(2)
+    assert _max_err(runner(*inputs), graph.run(*inputs)) <= TOL
+
+
 @pytest.mark.slow  # inductor compiles C++ for ~30 s on 2 cores
 def test_compile_backend_matches_eager(nets: liveportrait.LivePortraitNets) -> None:
     graph = graphs.renderer_graphs(nets, names=["stitching"])["stitching"]
