@@ -110,7 +110,8 @@ class RuntimeFactory:
         return self._picture
 
     def metrics(self) -> dict[str, float]:
-        return self.runtime.worker.stats()
+        motion = self.runtime.pipeline.motion_stats
+        return {**self.runtime.worker.stats(), **(motion() if motion is not None else {})}
 
     async def close(self) -> None:
         await self.runtime.aclose()

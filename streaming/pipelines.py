@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.audio.features import LogMelFeatures
 from engine.audio.hubert import HubertStreaming
@@ -38,6 +38,7 @@ from engine.motion.neural import NeuralMotionStage, build_neural_motion
 from engine.motion.personal import PersonalMotion, PersonalMotionConfig
 from engine.motion.personal_model import PersonalModel, PersonalModelError
 from engine.motion.retarget import DEFAULT_EYE_RATIO, Retargeting, open_ratios
+from engine.motion.shared_denoiser import SharedDenoiser
 from engine.paths import default_ditto_dir, default_weights_dir
 from engine.render.base import PreparedAvatar, Renderer
 from engine.render.classic import ClassicRenderer, face_size
@@ -47,6 +48,7 @@ from export.backends import BACKEND_NAMES, BackendConfig, BackendError, Denoiser
 from streaming.batching import BatchConfig
 from streaming.session import SessionConfig
 
+MOTION_BATCHING = ("auto", "on", "off")
 logger = logging.getLogger(__name__)
 
 # (features, motion) for one session driving one prepared avatar
@@ -70,8 +72,13 @@ class RuntimeConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    # diffusion steps of several sessions in one denoiser call (engine.motion.shared_denoiser): auto = on a GPU,
+    # where a small call is mostly launch overhead; on a CPU a batch costs what its parts do and only adds waiting
+    motion_batching: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
+        if self.motion_batching not in MOTION_BATCHING:
+            raise ValueError(f"motion_batching must be one of {list(MOTION_BATCHING)}, got {self.motion_batching!r}")
         if self.mode not in ("auto", *RENDERERS):
             raise ValueError(f"mode: unknown renderer {self.mode!r}; choose one of {['auto', *RENDERERS]}")
         if self.motion not in ("auto", *MOTIONS):
@@ -87,13 +94,19 @@ class RendererEntry:
     build: Callable[[RuntimeConfig], Renderer]
 
 
+class MotionBuild(NamedTuple):
+    stages: StageFactory  # the per-session feature and motion stages
+    untrained: bool  # runs on random weights
+    stats: Callable[[], dict[str, float]] | None = None  # runtime-wide numbers for /metrics (shared parts)
+
+
 @dataclass(frozen=True)
 class MotionEntry:
     summary: str
     needs: str | None  # the weights its real output needs ("ditto"); None: weight-free
     renderers: tuple[str, ...]  # the renderers whose keypoint space it drives
     controls: Mapping[str, str]  # honoured control key -> what it does (the stage class's CONTROLS)
-    build: Callable[[RuntimeConfig, Renderer], tuple[StageFactory, bool]]  # -> (per-session stages, untrained)
+    build: Callable[[RuntimeConfig, Renderer], MotionBuild]
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,7 @@ class Pipeline:
     controls: Mapping[str, str]
     motion_untrained: bool
     notes: tuple[str, ...] = ()  # what auto resolution decided and why (shown with the banner)
+    motion_stats: Callable[[], dict[str, float]] | None = None  # the motion generator's shared parts, for /metrics
 
     @property
     def untrained(self) -> bool:
@@ -219,7 +233,7 @@ RENDERERS: dict[str, RendererEntry] = {
 # --- motion generators -----------------------------------------------------------------------------------------
 
 
-def _build_classic_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[StageFactory, bool]:
+def _build_classic_motion(config: RuntimeConfig, renderer: Renderer) -> MotionBuild:
     fps = config.session.fps
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
@@ -234,10 +248,10 @@ def _build_classic_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[St
         )
         return ClassicFeatures(fps), motion
 
-    return stages, False
+    return MotionBuild(stages, False)
 
 
-def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[StageFactory, bool]:
+def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> MotionBuild:
     _require_store(config.motion_weights, default_ditto_dir(), "Ditto", "engine weights import ditto SRC")
     ditto = Path(config.motion_weights) if config.motion_weights is not None else default_ditto_dir()
     hubert: Path | None = None
@@ -254,11 +268,14 @@ def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[Stag
     else:
         denoiser = lmdm.build(config.motion_preset, cond_dim=lmdm.logmel_cond_dim())
     denoiser.eval()
+    backend = _backend(config)
     try:
         # batch 2: classifier-free guidance runs the cond and uncond passes as one batch
-        runtime = DenoiserRuntime(denoiser, _backend(config), batch=2)
+        runtime = DenoiserRuntime(denoiser, backend, batch=2)
     except BackendError as exc:
         raise PipelineError(f"denoiser on backend {config.backend.name!r}: {exc}") from exc
+    batching = config.motion_batching == "on" or (config.motion_batching == "auto" and backend.device.type == "cuda")
+    shared: SharedDenoiser | DenoiserRuntime = SharedDenoiser(runtime) if batching else runtime
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
         features: HubertStreaming | LogMelFeatures = HubertStreaming(hubert) if hubert else LogMelFeatures()
@@ -266,7 +283,7 @@ def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[Stag
         if isinstance(renderer, NeuralRenderer):  # stored examples live in this renderer's keypoint space
             stored = neural_stored(MotionLibrary(), prepared.avatar.name, prepared.source, renderer.nets.weights_id)
         motion = build_neural_motion(
-            runtime,
+            shared,
             prepared.source,
             silence=features.silence(),
             retargeting=_retargeting(renderer, prepared),
@@ -274,7 +291,8 @@ def _build_ditto_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[Stag
         )
         return features, motion
 
-    return stages, bool(denoiser.untrained)
+    stats = shared.stats.as_metrics if isinstance(shared, SharedDenoiser) else None
+    return MotionBuild(stages, bool(denoiser.untrained), stats)
 
 
 def _retargeting(renderer: Renderer, prepared: PreparedAvatar) -> Retargeting | None:
@@ -321,7 +339,7 @@ def load_personal_model(prepared: PreparedAvatar, renderer_name: str) -> Persona
         raise PipelineError(f"avatar {avatar.name!r}: {exc}; personalize it again") from exc
 
 
-def _build_personal_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[StageFactory, bool]:
+def _build_personal_motion(config: RuntimeConfig, renderer: Renderer) -> MotionBuild:
     fps = config.session.fps
 
     def stages(prepared: PreparedAvatar) -> tuple[FeatureStage, MotionStage]:
@@ -331,7 +349,7 @@ def _build_personal_motion(config: RuntimeConfig, renderer: Renderer) -> tuple[S
         motion = PersonalMotion(model, prepared.source, features.silence(), unit, PersonalMotionConfig(fps=fps))
         return features, motion
 
-    return stages, False
+    return MotionBuild(stages, False)
 
 
 MOTIONS: dict[str, MotionEntry] = {
@@ -390,16 +408,17 @@ def build(config: RuntimeConfig) -> Pipeline:
             f"not {renderer_name!r}"
         )
     renderer = RENDERERS[renderer_name].build(config)
-    stages, motion_untrained = motion_entry.build(config, renderer)
+    motion = motion_entry.build(config, renderer)
     pipeline = Pipeline(
         config,
         renderer_name,
         motion_name,
         renderer,
-        stages,
+        motion.stages,
         MappingProxyType(dict(motion_entry.controls)),
-        motion_untrained,
+        motion.untrained,
         notes,
+        motion.stats,
     )
     logger.info(
         "pipeline: renderer %s, motion %s%s",

@@ -3,7 +3,8 @@
 Per session (label ``session``): the transport's numbers, the session's counters (``avatar_session_*_total``) and
 gauges, and its latency histogram (``avatar_session_latency_seconds``). In total: the server's own counters, the
 session counters summed over every session the server has run (closed ones included, so they never go back), and
-the render worker's numbers (``avatar_render_*``: calls, frames, mean batch size and call time, the cost model).
+the render worker's numbers (``avatar_render_*``: calls, frames, mean batch size and call time, the cost model)
+and, when sessions share diffusion steps, the shared denoiser's (``avatar_motion_denoiser_*``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ SESSION_COUNTERS: tuple[str, ...] = (
     "motion_rows_skipped",
     "video_state_changes",
 )
-WORKER_COUNTERS: tuple[str, ...] = ("render_calls", "render_frames", "render_late_frames")
+WORKER_COUNTERS: tuple[str, ...] = (
+    "render_calls",
+    "render_frames",
+    "render_late_frames",
+    "motion_denoiser_calls",  # shared diffusion steps (RuntimeConfig.motion_batching)
+    "motion_denoiser_requests",
+)
 # transport snapshot key -> (metric name, kind)
 TRANSPORT: dict[str, tuple[str, str]] = {
     "video_fps": ("video_fps", "gauge"),  # new pictures per second

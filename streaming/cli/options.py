@@ -12,12 +12,13 @@ import click
 from export.backends import BACKEND_NAMES, BackendConfig
 from export.backends.config import DTYPE_CHOICES
 from streaming.batching import BatchConfig
-from streaming.pipelines import MOTIONS, RENDERERS, RuntimeConfig
+from streaming.pipelines import MOTION_BATCHING, MOTIONS, RENDERERS, RuntimeConfig
 from streaming.session import SessionConfig
 
 
 def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--mode --motion --weights --motion-weights --preset --backend --backend-dir --device --dtype``."""
+    """``--mode --motion --weights --motion-weights --preset --backend --backend-dir --device --dtype
+    --motion-batching``."""
     options = [
         click.option(
             "--mode",
@@ -80,6 +81,14 @@ def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Network precision (auto: bf16 on GPUs that support it, fp32 on CPU).",
         ),
+        click.option(
+            "--motion-batching",
+            type=click.Choice(list(MOTION_BATCHING)),
+            default="auto",
+            show_default=True,
+            help="Run the diffusion steps of sessions that are due together as one denoiser call (ditto motion). "
+            "auto: on a GPU, where a small call is mostly launch overhead; off on a CPU, where it only adds waiting.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -105,6 +114,7 @@ def runtime_config(
             backend=BackendConfig(options["backend"], options["device"], options["dtype"], backend_options),
             session=session or SessionConfig(),
             batch=batch or BatchConfig(),
+            motion_batching=options.get("motion_batching", "auto"),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
@@ -120,6 +130,7 @@ RUNTIME_OPTION_NAMES = (
     "backend_dir",
     "device",
     "dtype",
+    "motion_batching",
 )
 
 

@@ -335,6 +335,7 @@ _ARGS: dict[str, type] = {
     "weights": str,
     "motion_weights": str,
     "device": str,
+    "motion_batching": str,
     "avatar": str,
     "token": str,
     "max_sessions": int,
@@ -379,6 +380,7 @@ def parse_args(args: dict[str, Any]) -> tuple[RuntimeConfig, str | None, ServerC
             weights=values.get("weights"),
             motion_weights=values.get("motion_weights"),
             backend=dataclasses.replace(backend, device=values.get("device", backend.device)),
+            motion_batching=values.get("motion_batching", "auto"),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
