@@ -14,7 +14,9 @@ Steps (each records what it measured, or why it was skipped):
    (``warp_decode_compile``) torch.compile (reduce-overhead) in bf16 at batch 1 and 8, as far as the budget goes.
 4. ``worker``: aggregate frames/s of 1, 4, 8, 16 simulated live sessions (25 fps each) through the real render
    worker (``streaming.batching.BatchRenderer``, threaded, real clock) on the best variant: on-time share, batch.
-5. ``lmdm``: one Ditto-size motion-diffusion window (80 frames, 10 DDIM steps, guidance in one batch of 2).
+5. ``lmdm``: one Ditto-size motion-diffusion window (80 frames, 10 DDIM steps, guidance in one batch of 2); and
+   ``sessions``: the windows of 1, 4, 8, 16 sessions due together, one thread each as in live sessions, with their
+   steps shared (``engine.motion.shared_denoiser``, what ``--motion-batching`` turns on) and without.
 6. ``memory``: peak GPU memory.
 
 Writes ``gpu_suite_<device>.json`` (device, commit, config, results, skipped) and a PNG plot of ms/frame.
@@ -30,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +48,7 @@ from engine.models.warping_ops import FUSED, STANDARD
 from engine.motion import lmdm
 from engine.motion.samplers import DDIMSampler, guided_denoise, sample
 from engine.motion.schedule import cosine_alphas_cumprod
+from engine.motion.shared_denoiser import SharedDenoiser
 from engine.render.base import PreparedAvatar
 from engine.render.neural import NeuralRenderer
 from export.backends import BackendConfig, DenoiserRuntime, RendererRuntime, get_backend
@@ -285,7 +289,49 @@ def step_lmdm(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             with torch.inference_mode():
                 ms = timed(window, max(3, args.repeats // 5), 1, device)
             out[f"{dtype}{'-graphs' if graphs else ''}"] = {"ms_per_window": ms, "frames_per_window": c.seq_len}
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    runtime = DenoiserRuntime(denoiser, get_backend(BackendConfig("eager", str(device), dtype)))
+    out["sessions"] = {
+        str(n): {
+            mode: _concurrent_windows(runtime, sampler, n, mode == "shared", device) for mode in ("alone", "shared")
+        }
+        for n in args.sessions
+    }
     return out
+
+
+def _concurrent_windows(
+    runtime: DenoiserRuntime, sampler: DDIMSampler, sessions: int, shared: bool, device: torch.device
+) -> dict[str, float]:
+    """Wall time for ``sessions`` threads to run one window each, all starting together (median of 3)."""
+    c = runtime.config
+    denoiser: Any = SharedDenoiser(runtime) if shared else runtime
+    gen = torch.Generator(device).manual_seed(0)
+    cond = torch.randn(1, c.seq_len, c.cond_dim, generator=gen, device=device)
+    cond_frame = torch.zeros(1, c.motion_dim, device=device)
+
+    def window(start: threading.Barrier) -> None:
+        start.wait()
+        x_t = torch.randn(1, c.seq_len, c.motion_dim, device=device)
+        with torch.inference_mode():
+            sample(lambda x, t: guided_denoise(denoiser, x, cond_frame, cond, t, 2.0), sampler, x_t)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+
+    walls = []
+    for _ in range(3):
+        start = threading.Barrier(sessions + 1)
+        threads = [threading.Thread(target=window, args=(start,)) for _ in range(sessions)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        walls.append(time.perf_counter() - t0)
+    ms = 1000.0 * statistics.median(walls)
+    stats = denoiser.stats.requests_per_call if shared else 1.0
+    return {"ms_all_windows": round(ms, 2), "ms_per_window": round(ms / sessions, 2), "steps_per_call": round(stats, 2)}
 
 
 # --- the suite ----------------------------------------------------------------------------------------------

@@ -27,5 +27,7 @@ def test_gpu_suite_dry_run_writes_its_record(tmp_path: Path) -> None:
     assert rows["1"]["ms_per_frame"] > 0 and rows["2"]["frames_per_s"] > 0
     assert results["worker"]["2"]["sessions"] == 2 and results["worker"]["2"]["frames_per_s"] > 0
     assert results["lmdm"]["fp32"]["ms_per_window"] > 0
+    together = results["lmdm"]["sessions"]["2"]
+    assert together["alone"]["steps_per_call"] == 1.0 and together["shared"]["steps_per_call"] > 1.0
     assert set(record["skipped"]) >= {"cuda_tests", "kernels"}  # said, not silently missing
     assert (tmp_path / "gpu_suite_dry.png").stat().st_size > 1000
