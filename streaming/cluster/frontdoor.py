@@ -243,6 +243,7 @@ class FrontDoor:
         if not self.replicas:
             await self.refresh()
         tried: set[str] = set()
+        silent: list[str] = []  # replicas that did not answer
         while True:
             candidates = [r for r in self.placement_view() if r.name not in tried]
             replica = self.placement.choose(candidates, self.pending)
@@ -255,6 +256,7 @@ class FrontDoor:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 self.counters["forward_errors_total"] += 1
                 logger.warning("replica %s did not answer %s (%s); trying another", replica.name, request.path, exc)
+                silent.append(replica.name)
                 continue
             finally:
                 self.pending[replica.name] -= 1
@@ -270,9 +272,12 @@ class FrontDoor:
             return response
         self.counters["sessions_rejected_total"] += 1
         total = sum(r.max_sessions for r in self.replicas.values())
+        text = f"all {total} session slots of {len(self.replicas)} replica(s) are in use; retry later"
+        if silent:
+            text = f"no replica could take the session ({', '.join(silent)} did not answer); retry later"
         return web.Response(
             status=503,
-            text=f"all {total} session slots of {len(self.replicas)} replica(s) are in use; retry later",
+            text=text,
             headers={"Retry-After": str(self.config.retry_after_s)},
         )
 

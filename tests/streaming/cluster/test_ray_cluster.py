@@ -1,10 +1,13 @@
 """The Ray Serve application on a local two-node Ray cluster (one machine), classic mode, two sessions per replica:
 four sessions land two and two, the fifth gets 503, a DELETE reaches the owning replica, killing one replica's
-process ends its sessions (the clients' connections fail) and the next sessions land on the survivor, and each
-session's video keeps flowing (at least a quarter of its frame rate: the >= 90 % goal is a speed goal, recorded by
-benchmarks/bench_ray.py with the machine's load). Ray starts once for the module and is shut down after it.
+process ends its sessions (the clients' connections fail) and the next sessions land on the survivor, removing
+the application drains the survivor (it refuses new sessions, its live ones keep their video until the drain
+timeout). Ray starts once for the module and is shut down after it.
 
-Each node gets one CPU in Ray's books (one replica per node); the test machine's real cores are shared."""
+Each node gets one CPU in Ray's books (one replica per node); the test machine's real cores are shared. The sessions
+run at 10 fps and must each receive >= 90 % of it: four 512x512 classic sessions cost, per frame, rendering (~30 ms
+on one thread), VP8 encoding (~9.5 ms) and the test's own decoding, so at 25 fps they need about three of this
+machine's two cores (measured here: 13.6 fps each at 25). benchmarks/bench_ray.py measures 25 fps sessions."""
 
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ from streaming.cluster.ray_app import (  # noqa: E402
     shutdown,
 )
 from streaming.pipelines import RuntimeConfig  # noqa: E402
+from streaming.session import SessionConfig  # noqa: E402
 from streaming.transports.webrtc import ServerConfig  # noqa: E402
 
 from ..transports.webrtc.serving import SDP, apply_answer, player, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-FPS = 25
+FPS = 10  # what four sessions on two shared cores can hold (see the module doc)
 IDLE_LOAD = [0.0]  # the load before this module started Ray
 OBJECT_STORE = 80 * 1024 * 1024  # the smallest Ray accepts is 75 MiB
 
@@ -67,7 +71,8 @@ def front_url() -> Iterator[str]:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         port = _free_port()
         spec = ClusterSpec(replicas=2, num_cpus=1, front_host="127.0.0.1", front_port=port, drain_timeout_s=3)
-        run(build_app(RuntimeConfig(mode="classic"), None, ServerConfig(max_sessions=2), spec))
+        runtime = RuntimeConfig(mode="classic", session=SessionConfig(fps=FPS))
+        run(build_app(runtime, None, ServerConfig(max_sessions=2), spec))
         yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(Exception):
@@ -173,9 +178,7 @@ async def test_sessions_are_placed_by_capacity_and_survive_a_replica_dying(
             shown = [round(r, 1) for r in rates]
             note = f"fps per session over {window} s: {shown}; load before Ray {IDLE_LOAD[0]:.2f}"
             print(f"\n{note}")
-            # liveness, not speed: four classic sessions plus Ray on two cores cannot all render 25 fps, so the
-            # >= 90 % goal is benchmarks/bench_ray.py's to record; a session whose video stalls fails here
-            assert min(rates) >= 0.25 * FPS, note
+            assert min(rates) >= 0.9 * FPS, note
 
             # DELETE through the front door reaches the replica that owns the session
             first = viewers[0]
@@ -224,6 +227,27 @@ async def test_sessions_are_placed_by_capacity_and_survive_a_replica_dying(
             placed = await owners(http, front_url)
             assert [placed[v.location.rsplit("/", 1)[1]] for v in viewers[-2:]] == [survivor, survivor]
             await wait_for(lambda: min(v.watch.frames for v in viewers[-2:]) >= 5, 20)
+
+            # scale-down drains: the application is removed while the survivor holds two live sessions. The
+            # replica stops admitting (503 even when asked directly, past the front door), its sessions keep their
+            # video meanwhile, and they end once drain_timeout_s (3 s here) has passed
+            live = viewers[-2:]
+            survivor_url = next(e["url"] for e in (await replicas_by_url()).values() if e["name"] == survivor)
+            removing = asyncio.get_running_loop().run_in_executor(None, shutdown)
+            deadline = time.monotonic() + 15
+            while not (await replicas_by_url())[survivor_url]["draining"]:
+                assert time.monotonic() < deadline, "the replica never started draining"
+                await asyncio.sleep(0.1)
+            drain_started = time.monotonic()
+            status, refused = await open_viewer(http, survivor_url)
+            assert status == 503, f"a draining replica admitted a session: {refused}"
+            before = [v.watch.frames for v in live]
+            await asyncio.sleep(1.0)
+            assert all(v.watch.frames - b >= 0.5 * FPS for v, b in zip(live, before, strict=True)), "video stopped"
+            assert all(v.pc.connectionState == "connected" for v in live)
+            await asyncio.wait_for(removing, 60)
+            await wait_for(lambda: all(v.pc.connectionState in ("failed", "closed") for v in live), 20)
+            print(f"drained sessions ended {time.monotonic() - drain_started:.1f} s after the drain began")
         finally:
             for v in viewers:
                 await v.watch.stop()
