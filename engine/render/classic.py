@@ -15,6 +15,12 @@ Rendering (see ``docs/controls.md``):
   an eyeball under sliding upper lids, and a mouth interior that keeps the photo's own teeth.
 
 With no motion the output is the portrait itself.
+
+Cost (CPU, 512 px, 64x64 coarse flow): the grid sample of the whole frame is about a quarter of a frame, the spline
+(solve, coarse grid, lip refinement) another quarter, the layers most of the rest. The layers are small windows:
+their per-frame geometry is numpy, and all windows of one avatar in a batch go through one set of tensor ops. The
+spline is float32 except where control points are squeezed together: their weights run into the thousands, and
+those centers are evaluated in float64 (their float32 rounding moved the crop border by pixels).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from engine.avatar.record import Avatar
 from engine.keypoints import NUM_KP, MotionParams, SourceFace, keypoints_from_params
 from engine.render.base import PreparedAvatar
 from engine.render.classic_layers import (
+    Blend,
     Box,
     EyeJob,
     EyeSource,
@@ -298,14 +305,35 @@ class ClassicRenderer:
             one = Spline(spline.centers[i : i + 1], spline.weights[i : i + 1], spline.affine[i : i + 1])
             self._refine(grid[i], one, self._box(lm_px[i][48:68], 0.15 * s.iod * size / 2, even=True), 2)
         out = self._warp([s.portrait for s in states], grid)  # [B, 3, S, S]
+        blends = self._layers(states, lm_px, creases, closing, aff_np, res_np, travel)
+        for blend in blends:
+            x0, y0, x1, y1 = blend.box
+            out[blend.frame, :, y0:y1, x0:x1].lerp_(blend.layer, blend.alpha)
+        for frame, (x0, y0, x1, y1) in {(blend.frame, blend.box) for blend in blends}:  # in [0, 1] like the warp
+            out[frame, :, y0:y1, x0:x1].clamp_(0.0, 1.0)
+        return out
 
-        to_source = _output_to_source(aff_np, size)  # [B, 2, 3] output pixels -> portrait pixels, head motion only
-        det = np.abs(aff_np[:, 0, 0] * aff_np[:, 1, 1] - aff_np[:, 0, 1] * aff_np[:, 1, 0]).clip(min=1e-6)
-        gaze = res_np[:, [11, 15], 0] * size / 2  # [B, 2] eyeball shift in output pixels
-        drawn: list[tuple[int, Box]] = []  # the windows the layers drew, clamped to [0, 1] like the warp
+    # --- internals ---
+
+    def _layers(
+        self,
+        states: Sequence[ClassicState],
+        lm_px: list[np.ndarray],
+        creases: list[np.ndarray],
+        closing: list[float],
+        aff: np.ndarray,
+        res: np.ndarray,
+        travel: np.ndarray,
+    ) -> list[Blend]:
+        """The eye, mouth and lower lip layers of the batch, in the order they are blended."""
+        size = self.size
+        to_source = _output_to_source(aff, size)  # [B, 2, 3] output pixels -> portrait pixels, head motion only
+        det = np.abs(aff[:, 0, 0] * aff[:, 1, 1] - aff[:, 0, 1] * aff[:, 1, 0]).clip(min=1e-6)
+        gaze = res[:, [11, 15], 0] * size / 2  # [B, 2] eyeball shift in output pixels
         groups: dict[int, list[int]] = {}  # the frames of each avatar: their layers are computed together
         for i, s in enumerate(states):
             groups.setdefault(id(s), []).append(i)
+        blends = []
         for frames in groups.values():
             s = states[frames[0]]
             eyes: list[EyeJob] = []
@@ -327,15 +355,10 @@ class ClassicRenderer:
                 if closing[i] > 0.05:  # the lower lip rises over what the warp left open
                     lip_box = self._box(lm_px[i][48:68], 3.0)
                     lips.append(MouthJob(i, lip_box, lm_px[i], scale, 0.0, min(1.0, closing[i] / 2.0)))
-            eye_layers(out, s.portrait, s.eyes, eyes)
-            mouth_layers(out, s.portrait, s.mouth, mouths)
-            lower_lip_layers(out, s.portrait, s.mouth, lips)
-            drawn += [(j.frame, j.box) for j in eyes] + [(j.frame, j.box) for j in mouths + lips]
-        for i, (x0, y0, x1, y1) in drawn:
-            out[i, :, y0:y1, x0:x1].clamp_(0.0, 1.0)
-        return out
-
-    # --- internals ---
+            blends += eye_layers(s.portrait, s.eyes, eyes)
+            blends += mouth_layers(s.portrait, s.mouth, mouths)
+            blends += lower_lip_layers(s.portrait, s.mouth, lips)
+        return blends
 
     def _kept_apart(self, spec: MeshSpec, mesh: torch.Tensor, move_upper: bool) -> KeptApart:
         """The pairs of ``spec.apart`` whose upper (``move_upper``) or lower point gives way, with their least gap

@@ -203,30 +203,26 @@ def _smooth_(t: Tensor) -> Tensor:
     return t.mul(_k(-2.0)).add_(_k(3.0)).mul_(t).mul_(t)
 
 
-def _ramp_(x: Tensor, width: float) -> Tensor:
-    """0 where ``x`` is below ``-width``, 1 above ``width``, smooth between (exactly 0 / 1 outside, unlike a
-    sigmoid); ``x`` is overwritten (pass a temporary)."""
-    return _smooth_(x.mul_(_k(0.5 / width)).add_(_k(0.5)))
+def _steps(n: int, like: Tensor) -> Tensor:
+    """An empty ``[n, *like.shape]`` for the arguments of :func:`_smooth_` that go through it at once: one chain of
+    window ops for several soft masks instead of one each. A ramp of half width ``w`` over ``x`` (0 below ``-w``,
+    1 above ``w``, exactly, unlike a sigmoid) is the smoothstep of ``x / (2 w) + 0.5``."""
+    return torch.empty((n, *like.shape), dtype=like.dtype, device=like.device)
 
 
-def ramp(x: Tensor, width: float) -> Tensor:
-    """:func:`_ramp_` leaving ``x`` as it is."""
-    return _smooth_(x.mul(_k(0.5 / width)).add_(_k(0.5)))
+def _color(rgb: tuple[float, float, float] | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(rgb, dtype=like.dtype, device=like.device).reshape(3, 1, 1)
 
 
-def _corner(abs_u: Tensor, half: Tensor, edge: float, grow: Tensor | None = None) -> Tensor:
-    """The corners of an opening close it: ``ramp((1 - |u|) * half + grow)`` (``half``, ``grow`` ``[N, 1, 1]``)."""
-    return _ramp_(torch.addcmul(half if grow is None else half + grow, abs_u, -half), edge)
+@functools.cache
+def _tooth_edges(device: torch.device) -> Tensor:
+    return torch.tensor(TOOTH_EDGES, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
 
 
-def _color(rgb: tuple[float, float, float] | Tensor, like: Tensor, dims: int = 3) -> Tensor:
-    """A colour ``[3, 1, ...]`` to broadcast over ``dims`` dimensions of channels and pixels."""
-    return torch.as_tensor(rgb, dtype=like.dtype, device=like.device).reshape(3, *([1] * (dims - 1)))
-
-
-def _half_disc(u: Tensor, reach: float) -> Tensor:
-    """``sqrt(1 - (u / reach)^2)`` inside ``|u| < reach``, 0 outside: the profile of a row of teeth or a tongue."""
-    return u.mul(_k(1.0 / reach)).square_().neg_().add_(_k(1.0)).clamp_min_(0.0).sqrt_()
+def _half_disc(u2: Tensor, reach: float) -> Tensor:
+    """``sqrt(1 - u^2 / reach^2)`` inside ``|u| < reach``, 0 outside (``u2 = u^2``): the profile of a row of teeth
+    or a tongue."""
+    return torch.add(_k(1.0), u2, alpha=-1.0 / reach**2).clamp_min_(0.0).sqrt_()
 
 
 # --- prepare time: what the portrait's own openings contain ---------------------------------------------------
@@ -271,9 +267,13 @@ def _inside(upper: np.ndarray, lower: np.ndarray, box: Box, edge: float, grow: f
     u, v = window_uv([frame], Windows.around([box]), device)
     below_top = v - _interp([knots(upper, frame)], u)
     above_bottom = _interp([knots(lower, frame)], u).sub_(v)
-    half, grown = per_window(device, [frame.half], [grow])
-    mask = _corner(u.abs(), half, edge, grown).mul_(_ramp_(below_top.add_(grown), edge))
-    return mask.mul_(_ramp_(above_bottom.add_(grown), edge))[0]
+    k = 0.5 / edge
+    corner, neg_half = per_window(device, [0.5 + (frame.half + grow) * k], [-frame.half * k])
+    t = _steps(3, u)
+    torch.addcmul(corner, u.abs(), neg_half, out=t[0])  # the corners close it: (1 - |u|) * half
+    torch.add(_k(0.5 + grow * k), below_top, alpha=k, out=t[1])
+    torch.add(_k(0.5 + grow * k), above_bottom, alpha=k, out=t[2])
+    return _smooth_(t).prod(0)[0]
 
 
 def eye_source(portrait: Tensor, landmarks: np.ndarray, iod: float) -> EyeSource:
@@ -382,6 +382,15 @@ def eye_curves(landmarks: np.ndarray, creases: np.ndarray, eye: int) -> EyeCurve
     return EyeCurves(lash, landmarks[list(lower)], np.stack([lash[0], creases[0], creases[1], lash[-1]]))
 
 
+class Blend(NamedTuple):
+    """A layer over one window of one frame: ``out[frame, :, y0:y1, x0:x1].lerp_(layer, alpha)``."""
+
+    frame: int
+    box: Box
+    layer: Tensor  # [3, h, w]
+    alpha: Tensor  # [h, w]
+
+
 class EyeJob(NamedTuple):
     """One eye of one frame for :func:`eye_layers`."""
 
@@ -394,18 +403,18 @@ class EyeJob(NamedTuple):
     lid_travel_px: float  # how far the lid moved from where the portrait has it
 
 
-def eye_layers(out: Tensor, portrait: Tensor, source: EyeSource, jobs: Sequence[EyeJob]) -> None:
-    """Composite eyes of one avatar (``portrait [3, S, S]``, its eyeball ``source``) into ``out [B, 3, S, S]``,
-    each job in its window, in place.
+def eye_layers(portrait: Tensor, source: EyeSource, jobs: Sequence[EyeJob]) -> list[Blend]:
+    """The eyes of one avatar (``portrait [3, S, S]``, its eyeball ``source``), each job in its window: blends to
+    apply in order.
 
     Two layers: the eyeball (the portrait moved with the head only, ``to_source`` output px -> portrait px, shifted
     right by ``gaze_px``), shown a little inside the driven lids; over it the upper lid, the skin between crease
     and lash line of the portrait laid between the driven crease and lash line (translated near the lashes,
     stretched or compressed above), clipped at the driven lower lid. All eyes are computed in one set of window
-    operations, then blended into their windows one by one (in order, so overlapping windows compose)."""
+    operations; none of it reads the warped frame, which only the blends do."""
     if not jobs:
-        return
-    size, dev = portrait.shape[-1], out.device
+        return []
+    size, dev = portrait.shape[-1], portrait.device
     win = Windows.around([j.box for j in jobs])
     # one frame for the opening (lash line over lower lid) and the lid (crease over lash line): all three curves
     # run between the eye corners
@@ -419,12 +428,21 @@ def eye_layers(out: Tensor, portrait: Tensor, source: EyeSource, jobs: Sequence[
     # of the warp shows between them
     reach = np.array([j.lid_travel_px for j in jobs])
     reach = LID_MOVING_PX + (LID_REST_PX - LID_MOVING_PX) * np.exp(-((reach / 1.5) ** 2))
-    half = np.array([f.half for f in frames])
-    half_t, reach_t, grow_t, shade_t = per_window(
-        dev, half, reach, 2 * EYE_EDGE_PX - reach, 1.0 / (0.35 * np.maximum(half, 1.0))
+    half, k = np.array([f.half for f in frames]), 0.5 / EYE_EDGE_PX
+    neg_half, ball_corner, ball_top, lid_reach, lid_corner, shade_t = per_window(
+        dev,
+        -half * k,
+        0.5 + (half + 2 * EYE_EDGE_PX - reach) * k,
+        0.5 + (2 * EYE_EDGE_PX - reach) * k,
+        0.5 + reach * k,
+        0.5 + half * k,
+        1.0 / (0.35 * np.maximum(half, 1.0)),
     )
-    alpha = _corner(au, half_t, EYE_EDGE_PX, grow_t).mul_(_ramp_(below_lash + grow_t, EYE_EDGE_PX))
-    alpha.mul_(_ramp_(above_lower.sub(_k(BALL_BOTTOM_PX)), EYE_EDGE_PX))
+    t = _steps(3, u)  # the eyeball's opening: the corners, below the lid layer, above the lower lid
+    torch.addcmul(ball_corner, au, neg_half, out=t[0])
+    torch.add(ball_top, below_lash, alpha=k, out=t[1])
+    torch.add(_k(0.5 - BALL_BOTTOM_PX * k), above_lower, alpha=k, out=t[2])
+    alpha = _smooth_(t).prod(0)
     shown = [float(alpha[n, : y1 - y0, : x1 - x0].max()) > 1e-3 for n, (x0, y0, x1, y1) in enumerate(win.boxes)]
     ball = None
     if any(shown):
@@ -440,18 +458,23 @@ def eye_layers(out: Tensor, portrait: Tensor, source: EyeSource, jobs: Sequence[
     dd, ds = (lash - crease).clamp_min_(0.5), (s_lash - s_crease).clamp_min_(0.5)
     dist = lash.sub_(v)  # above the lash line
     keep = torch.minimum(dd, ds).mul_(_k(0.35))  # lashes and lid margin keep their size
-    f = torch.where(dist <= keep, dist, keep + (dist - keep) * (ds - keep) / (dd - keep).clamp_min_(1e-3))
+    # beyond `keep` from the lashes the portrait's lid is stretched or compressed to the driven one
+    excess = (dist - keep).clamp_min_(0.0)
+    f = torch.addcmul(dist, excess, (ds - keep).div_((dd - keep).clamp_min_(1e-3)).sub_(_k(1.0)))
     skin = sample(portrait, frame_grid([j.lid.frame for j in jobs], u, s_lash.sub_(f), size))  # [3, N, h, w]
-    a_lid = _smooth_(v.sub_(crease).div_(dd.mul_(_k(0.5))))  # fades into the warp towards the crease
-    a_lid.mul_(_ramp_(dist.add_(reach_t), EYE_EDGE_PX))
-    a_lid.mul_(_ramp_(above_lower, EYE_EDGE_PX))  # never over the lower lid
-    a_lid.mul_(_corner(au, half_t, EYE_EDGE_PX))
+    t = _steps(4, u)
+    torch.div(v.sub_(crease), dd.mul_(_k(0.5)), out=t[0])  # fades into the warp towards the crease
+    torch.add(lid_reach, dist, alpha=k, out=t[1])  # reaches `reach` below the lashes
+    torch.add(_k(0.5), above_lower, alpha=k, out=t[2])  # never over the lower lid
+    torch.addcmul(lid_corner, au, neg_half, out=t[3])  # the corners
+    a_lid = _smooth_(t).prod(0)
+    blends = []
     for n, (j, (x0, y0, x1, y1)) in enumerate(zip(jobs, win.boxes, strict=True)):
         h, w = y1 - y0, x1 - x0
-        window = out[j.frame, :, y0:y1, x0:x1]
         if shown[n] and ball is not None:
-            window.lerp_(ball[:, n, :h, :w], alpha[n, :h, :w])
-        window.lerp_(skin[:, n, :h, :w], a_lid[n, :h, :w])
+            blends.append(Blend(j.frame, j.box, ball[:, n, :h, :w], alpha[n, :h, :w]))
+        blends.append(Blend(j.frame, j.box, skin[:, n, :h, :w], a_lid[n, :h, :w]))
+    return blends
 
 
 class MouthJob(NamedTuple):
@@ -465,13 +488,12 @@ class MouthJob(NamedTuple):
     strength: float = 1.0  # lower_lip_layers: how far the lower lip layer covers the warp, [0, 1]
 
 
-def mouth_layers(out: Tensor, portrait: Tensor, source: MouthSource, jobs: Sequence[MouthJob]) -> None:
-    """Composite mouth interiors of one avatar into ``out [B, 3, S, S]``, each job in its window, in place: between
-    the driven inner lips, the portrait's own interior riding on the lips (``source``), and what opens up between
-    them drawn."""
+def mouth_layers(portrait: Tensor, source: MouthSource, jobs: Sequence[MouthJob]) -> list[Blend]:
+    """The mouth interiors of one avatar, each job in its window: between the driven inner lips, the portrait's own
+    interior riding on the lips (``source``), and what opens up between them drawn."""
     if not jobs:
-        return
-    size, dev = portrait.shape[-1], out.device
+        return []
+    size, dev = portrait.shape[-1], portrait.device
     win = Windows.around([j.box for j in jobs])
     uppers = [j.driven[list(INNER_MOUTH[0])] for j in jobs]
     frames = [opening_frame(upper) for upper in uppers]
@@ -480,13 +502,19 @@ def mouth_layers(out: Tensor, portrait: Tensor, source: MouthSource, jobs: Seque
     bottom = _interp([knots(j.driven[list(INNER_MOUTH[1])], f) for j, f in zip(jobs, frames, strict=True)], u)
     below_top, above_bottom = v - top, bottom - v
     au = u.abs()
-    iod = np.array([j.iod for j in jobs])
-    half_t, scale_t, iod_t = per_window(dev, [f.half for f in frames], [j.scale for j in jobs], iod)
-    alpha = _corner(au, half_t, MOUTH_EDGE_PX).mul_(ramp(below_top, MOUTH_EDGE_PX))
-    alpha.mul_(ramp(above_bottom, MOUTH_EDGE_PX))
+    half, iod, k = np.array([f.half for f in frames]), np.array([j.iod for j in jobs]), 0.5 / MOUTH_EDGE_PX
+    (neg_half, corner, half_depth, line_k, scale_t, iod_t, inv_deep, inv_open, inv_open_lo, inv_lit) = per_window(
+        dev, -half * k, 0.5 + half * k, 0.5 * half, half / 0.6, [j.scale for j in jobs], iod,
+        1 / (0.06 * iod), 1 / (0.08 * iod), 1 / (0.05 * iod), 1 / (0.035 * iod),
+    )  # fmt: skip
+    t = _steps(3, u)  # the opening: its corners, below the upper lip, above the lower lip
+    torch.addcmul(corner, au, neg_half, out=t[0])
+    torch.add(_k(0.5), below_top, alpha=k, out=t[1])
+    torch.add(_k(0.5), above_bottom, alpha=k, out=t[2])
+    alpha = _smooth_(t).prod(0)
     shown = [float(alpha[n, : y1 - y0, : x1 - x0].max()) >= 1e-3 for n, (x0, y0, x1, y1) in enumerate(win.boxes)]
     if not any(shown):
-        return
+        return []
     n = len(jobs)
     # the portrait's own opening, in its own frame
     s_top, s_bot = _interp([source.top] * n, u), _interp([source.bottom] * n, u)
@@ -496,55 +524,60 @@ def mouth_layers(out: Tensor, portrait: Tensor, source: MouthSource, jobs: Seque
     d_top, d_bot = below_top * scale_t, above_bottom * scale_t  # in portrait pixels
     photo_up = sample(portrait, frame_grid([source.frame] * n, u, s_top.add_(d_top), size))
     photo_lo = sample(portrait, frame_grid([source.frame] * n, u, s_bot.sub_(d_bot), size))
-    # the bands overlap by a pixel, so where the opening is the portrait's own nothing drawn shows through
-    a_up = _ramp_(h_up.sub_(d_top), 0.5)
-    a_lo = _ramp_(h_lo.sub_(d_bot).add_(_k(1.5)), 0.5)
 
     gap = bottom.sub_(top).clamp_min_(0.0)
-    corner_dark = au.square().mul_(_k(-0.55)).add_(_k(1.0))
-    # throat: lip-tinted near the lips, dark in the depth
-    depth = torch.minimum(torch.minimum(below_top, above_bottom), (_k(1.0) - au).mul_(half_t * 0.5))
-    deep = _smooth_(depth.div_(iod_t * 0.06))
-    layer = torch.lerp(_color(source.lip, u, 4) * 0.45, _color(THROAT, u, 4), deep).mul_(corner_dark)  # [3, N, h, w]
-    light = source.light
-    # tongue: rests on the floor of the mouth, behind the lower teeth, once the mouth is open enough
-    open_t = _smooth_(gap.sub(iod_t * 0.07).div_(iod_t * 0.08))
-    t_h = torch.minimum(gap * 0.35, iod_t * 0.13).mul_(_half_disc(u, 0.7))
+    depth = torch.minimum(torch.minimum(below_top, above_bottom), torch.addcmul(half_depth, au, -half_depth))
+    t = _steps(6, u)
+    # the bands of the portrait's interior overlap by a pixel, so where the opening is the portrait's own nothing
+    # drawn shows through (ramps of half width 0.5)
+    torch.add(h_up.sub_(d_top), _k(0.5), out=t[0])
+    torch.add(h_lo.sub_(d_bot), _k(2.0), out=t[1])
+    torch.mul(depth, inv_deep, out=t[2])  # the throat: lip-tinted near the lips, dark in the depth
+    torch.addcmul(_k(-0.07 / 0.08), gap, inv_open, out=t[3])  # a tongue once the mouth is open enough
+    torch.addcmul(_k(-1.0), gap, inv_open_lo, out=t[4])  # lower teeth once the mouth is open enough to see them
+    torch.mul(below_top, inv_lit, out=t[5])  # the upper teeth in the lip's shadow at the top
+    a_up, a_lo, deep, open_t, open_lo, lit = _smooth_(t).unbind(0)
+    u2 = u.square()
+    corner_dark = torch.add(_k(1.0), u2, alpha=-0.55)
+    light = source.light  # drawn teeth and tongue are lit like the face
+    colors = np.array([THROAT, TONGUE, TEETH_IVORY, TEETH_IVORY]) * np.array([1.0, light, 0.62 * light, light])[:, None]
+    throat, tongue, lower_teeth, upper_teeth = _tensor(colors, dev).view(4, 3, 1, 1, 1).unbind(0)
+    layer = torch.lerp(source.lip.view(3, 1, 1, 1).mul(_k(0.45)), throat, deep).mul_(corner_dark)  # [3, N, h, w]
+    # tongue: rests on the floor of the mouth, behind the lower teeth
+    t_h = torch.minimum(gap * 0.35, iod_t * 0.13).mul_(_half_disc(u2, 0.7))
     a_t = t_h.sub(above_bottom).sigmoid_().mul_(open_t).mul_(t_h > 0.5)
     shade = _smooth_(above_bottom / t_h.clamp_min(1.0)).mul_(_k(0.4)).add_(_k(0.6)).mul_(corner_dark)
-    layer.lerp_(_color(TONGUE, u, 4) * light * shade, a_t)
+    layer.lerp_(tongue * shade, a_t)
     # the gaps between teeth: faint lines at the tooth boundaries (exp of at most -20: 1 - 0.16 e^-20 is 1 in
     # float32, and a far smaller argument costs exp a slow path)
-    edges = torch.as_tensor(TOOTH_EDGES, dtype=u.dtype, device=dev).reshape(-1, 1, 1, 1)
-    lines = (au - edges).mul_(half_t / 0.6).square_().clamp_max_(20.0).neg_().exp_()
+    lines = (au - _tooth_edges(dev)).mul_(line_k).square_().clamp_max_(20.0).neg_().exp_()
     teeth = lines.mul_(_k(-0.16)).add_(_k(1.0)).prod(0).mul_(corner_dark)
-    # lower teeth: a shadowed hint above the lower lip, once the mouth is open enough to see them
-    open_lo = _smooth_(gap.sub(iod_t * 0.05).div_(iod_t * 0.05))
-    t_lo = torch.minimum(gap * 0.18, iod_t * 0.05).mul_(_half_disc(u, 0.55))
+    # lower teeth: a shadowed hint above the lower lip
+    t_lo = torch.minimum(gap * 0.18, iod_t * 0.05).mul_(_half_disc(u2, 0.55))
     a_tl = t_lo.sub(above_bottom).div_(_k(0.6)).sigmoid_().mul_(t_lo > 0.5).mul_(open_lo)
-    layer.lerp_(_color(TEETH_IVORY, u, 4) * (light * 0.62) * teeth, a_tl)
-    # upper teeth: hang from the upper lip, shorter and darker towards the corners, in the lip's shadow at the top
-    t_up = torch.minimum(gap * 0.45, iod_t * 0.085).mul_(_half_disc(u, 0.8))
+    layer.lerp_(lower_teeth * teeth, a_tl)
+    # upper teeth: hang from the upper lip, shorter and darker towards the corners, darkest under the lip
+    t_up = torch.minimum(gap * 0.45, iod_t * 0.085).mul_(_half_disc(u2, 0.8))
     a_tu = t_up.sub(below_top).div_(_k(0.6)).sigmoid_().mul_(t_up > 0.5)
-    lit = _smooth_(below_top / (iod_t * 0.035)).mul_(_k(0.22)).add_(_k(0.7))  # darkest under the lip
-    layer.lerp_(_color(TEETH_IVORY, u, 4) * light * teeth.mul_(lit), a_tu)
+    layer.lerp_(upper_teeth * teeth.mul_(lit.mul_(_k(0.22)).add_(_k(0.7))), a_tu)
     # the portrait's own interior on top: it rides on the lips (upper over lower where they overlap)
     layer.lerp_(photo_lo, a_lo)
     layer.lerp_(photo_up, a_up)
-    for k, (j, (x0, y0, x1, y1)) in enumerate(zip(jobs, win.boxes, strict=True)):
-        if shown[k]:
-            h, w = y1 - y0, x1 - x0
-            out[j.frame, :, y0:y1, x0:x1].lerp_(layer[:, k, :h, :w], alpha[k, :h, :w])
+    return [
+        Blend(j.frame, j.box, layer[:, m, : y1 - y0, : x1 - x0], alpha[m, : y1 - y0, : x1 - x0])
+        for m, (j, (x0, y0, x1, y1)) in enumerate(zip(jobs, win.boxes, strict=True))
+        if shown[m]
+    ]
 
 
-def lower_lip_layers(out: Tensor, portrait: Tensor, source: MouthSource, jobs: Sequence[MouthJob]) -> None:
-    """Lay the portrait's lower lip between the driven inner and outer lower-lip curves of each job (one avatar's),
-    in place, so a mouth closes further than the warp may take it (the warp keeps lips that sit close above each
-    other from squeezing together); it fades into the warp towards the outer lip border."""
+def lower_lip_layers(portrait: Tensor, source: MouthSource, jobs: Sequence[MouthJob]) -> list[Blend]:
+    """The portrait's lower lip laid between the driven inner and outer lower-lip curves of each job (one avatar's),
+    so a mouth closes further than the warp may take it (the warp keeps lips that sit close above each other from
+    squeezing together); it fades into the warp towards the outer lip border."""
     jobs = [j for j in jobs if j.strength > 1e-3]
     if not jobs:
-        return
-    size, dev = portrait.shape[-1], out.device
+        return []
+    size, dev = portrait.shape[-1], portrait.device
     win = Windows.around([j.box for j in jobs])
     inners = [j.driven[list(LOWER_LIP[0])] for j in jobs]
     frames = [opening_frame(inner) for inner in inners]
@@ -554,14 +587,19 @@ def lower_lip_layers(out: Tensor, portrait: Tensor, source: MouthSource, jobs: S
     below_top, above_bottom = v - top, bottom.sub(v)
     n = len(jobs)
     # the portrait's lower lip: from its inner edge (the opening's lower curve, the same frame) to its outer edge
-    t = (below_top / bottom.sub_(top).clamp_min_(0.5)).clamp_(0.0, 1.0)
-    ly = torch.lerp(_interp([source.bottom] * n, u), _interp([source.lip_outer] * n, u), t)
+    along = (below_top / bottom.sub_(top).clamp_min_(0.5)).clamp_(0.0, 1.0)
+    ly = torch.lerp(_interp([source.bottom] * n, u), _interp([source.lip_outer] * n, u), along)
     lip = sample(portrait, frame_grid([source.frame] * n, u, ly, size))
-    half_t, strength_t = per_window(dev, [f.half for f in frames], [j.strength for j in jobs])
-    a = _ramp_(below_top, MOUTH_EDGE_PX).mul_(strength_t)
-    a.mul_(_ramp_(above_bottom, MOUTH_EDGE_PX))
-    a.mul_(_k(1.0) - _smooth_(t.sub_(_k(0.55)).div_(_k(0.4))))
-    a.mul_(_corner(u.abs(), half_t, MOUTH_EDGE_PX))
-    for k, (j, (x0, y0, x1, y1)) in enumerate(zip(jobs, win.boxes, strict=True)):
-        h, w = y1 - y0, x1 - x0
-        out[j.frame, :, y0:y1, x0:x1].lerp_(lip[:, k, :h, :w], a[k, :h, :w])
+    half, k = np.array([f.half for f in frames]), 0.5 / MOUTH_EDGE_PX
+    neg_half, corner, strength = per_window(dev, -half * k, 0.5 + half * k, [j.strength for j in jobs])
+    t = _steps(4, u)
+    torch.add(_k(0.5), below_top, alpha=k, out=t[0])
+    torch.add(_k(0.5), above_bottom, alpha=k, out=t[1])
+    torch.addcmul(corner, u.abs(), neg_half, out=t[2])
+    torch.add(_k(-0.55 / 0.4), along, alpha=1 / 0.4, out=t[3])  # fades out towards the outer lip border
+    ramps = _smooth_(t)
+    a = ramps[:3].prod(0).mul_(strength).mul_(_k(1.0) - ramps[3])
+    return [
+        Blend(j.frame, j.box, lip[:, m, : y1 - y0, : x1 - x0], a[m, : y1 - y0, : x1 - x0])
+        for m, (j, (x0, y0, x1, y1)) in enumerate(zip(jobs, win.boxes, strict=True))
+    ]

@@ -270,15 +270,6 @@ def apply_affine(a: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return points @ a[:, :, :2].transpose(1, 2) + a[:, None, :, 2]
 
 
-def _phi(d2: torch.Tensor) -> torch.Tensor:
-    return d2 * d2.clamp_min(0.0).sqrt()  # r^3
-
-
-def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[B, P, 2]`` x ``[B, M, 2]`` -> squared distances ``[B, P, M]``."""
-    return ((a * a).sum(-1)[..., None] + (b * b).sum(-1)[:, None, :] - 2.0 * a @ b.transpose(1, 2)).clamp_min(0.0)
-
-
 class Spline(NamedTuple):
     centers: torch.Tensor  # [B, M, 2] driven control points
     weights: torch.Tensor  # [B, M, 2]
@@ -290,12 +281,19 @@ def solve_spline(centers: torch.Tensor, values: torch.Tensor) -> Spline:
     float64 (control points squeezed together get weights in the thousands: see :func:`eval_spline_grid`)."""
     c = centers.double()
     b, m, _ = c.shape
-    k = _phi(_sq_dist(c, c)) + REG * torch.eye(m, dtype=c.dtype, device=c.device)
-    p = torch.cat([torch.ones_like(c[..., :1]), c], -1)  # [B, M, 3]
-    top = torch.cat([k, p], -1)
-    bottom = torch.cat([p.transpose(1, 2), torch.zeros(b, 3, 3, dtype=c.dtype, device=c.device)], -1)
-    system = torch.cat([top, bottom], 1)  # [B, M+3, M+3]
-    rhs = torch.cat([values.double(), torch.zeros(b, 3, 2, dtype=c.dtype, device=c.device)], 1)
+    # [[K, P], [P^T, 0]] with K = r^3 + REG I and P = [1, x, y], built in place; the squared distances as
+    # differences (exactly 0 on the diagonal), cheaper than the matrix-product form at this size
+    system = c.new_zeros(b, m + 3, m + 3)
+    k = system[:, :m, :m]
+    torch.sub(c[:, :, None, 0], c[:, None, :, 0], out=k).square_()
+    k.add_((c[:, :, None, 1] - c[:, None, :, 1]).square_())
+    k.mul_(k.sqrt()).diagonal(dim1=1, dim2=2).add_(REG)
+    system[:, :m, m] = 1.0
+    system[:, :m, m + 1 :] = c
+    system[:, m, :m] = 1.0
+    system[:, m + 1 :, :m] = c.transpose(1, 2)
+    rhs = c.new_zeros(b, m + 3, 2)
+    rhs[:, :m] = values
     # one system at a time: batched solves fail inside MKL (DLASWP) once torch.set_num_threads has been called
     sol = torch.stack([torch.linalg.solve(system[i], rhs[i]) for i in range(b)])
     return Spline(c, sol[:, :m], sol[:, m:])
