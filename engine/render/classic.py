@@ -25,6 +25,7 @@ those centers are evaluated in float64 (their float32 rounding moved the crop bo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -459,22 +460,27 @@ class ClassicRenderer:
         w, h = (x1 - x0) // stride, (y1 - y0) // stride
         if w < 4 or h < 4:
             return
-        xs = x0 + stride * torch.arange(w, dtype=torch.float32, device=self.device) + (stride - 1) / 2
-        ys = y0 + stride * torch.arange(h, dtype=torch.float32, device=self.device) + (stride - 1) / 2
-        fine = eval_spline_grid(spline, (2.0 * xs + 1.0) / self.size - 1.0, (2.0 * ys + 1.0) / self.size - 1.0)
+        # sample positions (normalised) every `stride` pixels: exact in float32 (half-integers over a power of 2)
+        xs = (2.0 * (x0 + stride * np.arange(w) + (stride - 1) / 2) + 1.0) / self.size - 1.0
+        ys = (2.0 * (y0 + stride * np.arange(h) + (stride - 1) / 2) + 1.0) / self.size - 1.0
+        axes = torch.from_numpy(np.concatenate([xs, ys]).astype(np.float32)).to(self.device)
+        fine = eval_spline_grid(spline, axes[:w], axes[w:])
         if stride > 1:
             fine = F.interpolate(fine, scale_factor=stride, mode="bilinear", align_corners=False)
         fine = fine[0].permute(1, 2, 0)  # [hh, ww, 2]
         hh, ww = fine.shape[:2]
-        feather = 4.0 * stride
-        ry, rx = np.arange(hh, dtype=np.float64), np.arange(ww, dtype=np.float64)
-        fy = np.minimum(ry + 0.5, hh - 0.5 - ry) / feather
-        fx = np.minimum(rx + 0.5, ww - 0.5 - rx) / feather
-        f = np.minimum(fy[:, None], fx[None, :]).clip(0.0, 1.0)[..., None]
         region = grid[y0 : y0 + hh, x0 : x0 + ww]
-        region.lerp_(
-            fine + self._base[0, y0 : y0 + hh, x0 : x0 + ww], torch.as_tensor(f, dtype=grid.dtype, device=grid.device)
-        )
+        region.lerp_(fine.add_(self._base[0, y0 : y0 + hh, x0 : x0 + ww]), _feather(hh, ww, 4.0 * stride, self.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _feather(h: int, w: int, width: float, device: torch.device) -> torch.Tensor:
+    """``[h, w, 1]``: 0 at the border of a window, 1 from ``width`` pixels inside it, linear between."""
+    ry, rx = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
+    fy = np.minimum(ry + 0.5, h - 0.5 - ry) / width
+    fx = np.minimum(rx + 0.5, w - 0.5 - rx) / width
+    f = np.minimum(fy[:, None], fx[None, :]).clip(0.0, 1.0)[..., None]
+    return torch.from_numpy(f.astype(np.float32)).to(device)
 
 
 class _Upsampling(NamedTuple):
