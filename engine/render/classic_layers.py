@@ -16,9 +16,11 @@ When the driven opening equals the portrait's, both layers reproduce the portrai
 coordinates of the output; ``u`` runs across an opening from -1 (left corner) to 1 (right corner).
 
 Cost: a layer covers a window of a few thousand pixels, so each tensor operation costs its dispatch more than its
-arithmetic. The curves (a few dozen points) are numpy, the portrait's own openings are measured once in
-``prepare`` (:class:`LidSource`, :class:`MouthSource`), a window's coordinates in an opening's frame are one
-outer sum of a row and a column term, and the blends are in-place ``lerp`` / ``addcmul`` steps.
+arithmetic. So the windows of one avatar (both eyes, every frame of a batch) go through one set of operations
+(``[N, h, w]``, padded to the largest), the curves (a few dozen points) are numpy, the portrait's own openings are
+measured once in ``prepare`` (:class:`LidSource`, :class:`MouthSource`), a window's coordinates in an opening's
+frame are one outer sum of a row and a column term, and the soft masks of a layer go through one smoothstep chain.
+A layer reads nothing of the warped frame: it returns :class:`Blend` records that the renderer applies in order.
 """
 
 from __future__ import annotations
