@@ -64,8 +64,8 @@ def test_layers_leave_no_seam_when_only_the_head_moves(
         kp = renderer.drive(prepared, _params(roll=4.0, yaw=3.0, pitch=-2.0, tx=0.02, ty=-0.01))
         layered = renderer.render([prepared], kp)
         with monkeypatch.context() as m:  # the warp alone: eyeballs, lids and mouth interior off
-            m.setattr(classic, "eye_layer", lambda warped, *args, **kwargs: warped)
-            m.setattr(classic, "mouth_layer", lambda warped, *args, **kwargs: warped)
+            m.setattr(classic, "eye_layers", lambda *args, **kwargs: [])
+            m.setattr(classic, "mouth_layers", lambda *args, **kwargs: [])
             warped = renderer.render([prepared], kp)
         # a rigid head motion moves eyeball, lids and mouth interior exactly as the warp moves the face;
         # measured at most 0.0042 (0..1), mean 3e-6: the same pixels resampled through two paths
