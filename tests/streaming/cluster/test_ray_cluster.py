@@ -5,9 +5,10 @@ the application drains the survivor (it refuses new sessions, its live ones keep
 timeout). Ray starts once for the module and is shut down after it.
 
 Each node gets one CPU in Ray's books (one replica per node); the test machine's real cores are shared. The sessions
-run at 10 fps and must each receive >= 90 % of it: four 512x512 classic sessions cost, per frame, rendering (~30 ms
-on one thread), VP8 encoding (~9.5 ms) and the test's own decoding, so at 25 fps they need about three of this
-machine's two cores (measured here: 13.6 fps each at 25). benchmarks/bench_ray.py measures 25 fps sessions."""
+run at 10 fps and must each receive >= 90 % of it: four 512x512 classic sessions cost, per frame, rendering (~14 ms
+with two threads, more on one), VP8 encoding (~9.5 ms) and the test's own decoding, so at 25 fps they need more
+than this machine's two cores (measured here on a quiet machine: 20.7-21.8 fps each at 25, 19.7-20.0 at 20; at 20 a
+busy machine halved it). benchmarks/bench_ray.py measures 25 fps sessions."""
 
 from __future__ import annotations
 
