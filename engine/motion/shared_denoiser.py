@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.motion.samplers.guidance import MaskedDenoiser
+from engine.motion.samplers.guidance import MaskedDenoiser, per_sample_drop
 
 
 @dataclass
@@ -90,11 +90,8 @@ class SharedDenoiser:
         drop_cond: bool = False,
         drop_mask: Tensor | None = None,
     ) -> Tensor:
-        if drop_cond and drop_mask is not None:
-            raise ValueError("give either drop_cond=True or drop_mask, not both")
-        if drop_mask is None:
-            drop_mask = torch.full((x_t.shape[0],), drop_cond, dtype=torch.bool, device=x_t.device)
-        call = _Call((x_t, cond_frame, cond, t, drop_mask), threading.get_ident())
+        mask = per_sample_drop(x_t.shape[0], drop_cond, drop_mask, x_t.device)
+        call = _Call((x_t, cond_frame, cond, t, mask), threading.get_ident())
         with self._cond:
             self._seen[call.caller] = time.monotonic()
             self._queue.append(call)

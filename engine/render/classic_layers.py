@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -490,18 +490,35 @@ class MouthJob(NamedTuple):
     strength: float = 1.0  # lower_lip_layers: how far the lower lip layer covers the warp, [0, 1]
 
 
+class Opening(NamedTuple):
+    """An opening between two driven curves in each job's window (``[N, h, w]`` per tensor)."""
+
+    windows: Windows
+    frames: list[Frame]  # one per job, from its upper curve
+    u: Tensor  # along the opening, -1 at the left corner, 1 at the right
+    v: Tensor  # across it, pixels below the corners' line
+    top: Tensor  # v of the upper curve at each u
+    bottom: Tensor  # v of the lower curve at each u
+
+
+def _opening(jobs: Sequence[Any], curves: tuple[Sequence[int], Sequence[int]], device: torch.device) -> Opening:
+    """The jobs' windows and the opening between their driven ``curves`` (upper, lower landmark indices)."""
+    win = Windows.around([j.box for j in jobs])
+    uppers = [j.driven[list(curves[0])] for j in jobs]
+    frames = [opening_frame(upper) for upper in uppers]
+    u, v = window_uv(frames, win, device)
+    top = _interp([knots(upper, f) for upper, f in zip(uppers, frames, strict=True)], u)
+    bottom = _interp([knots(j.driven[list(curves[1])], f) for j, f in zip(jobs, frames, strict=True)], u)
+    return Opening(win, frames, u, v, top, bottom)
+
+
 def mouth_layers(portrait: Tensor, source: MouthSource, jobs: Sequence[MouthJob]) -> list[Blend]:
     """The mouth interiors of one avatar, each job in its window: between the driven inner lips, the portrait's own
     interior riding on the lips (``source``), and what opens up between them drawn."""
     if not jobs:
         return []
     size, dev = portrait.shape[-1], portrait.device
-    win = Windows.around([j.box for j in jobs])
-    uppers = [j.driven[list(INNER_MOUTH[0])] for j in jobs]
-    frames = [opening_frame(upper) for upper in uppers]
-    u, v = window_uv(frames, win, dev)
-    top = _interp([knots(upper, f) for upper, f in zip(uppers, frames, strict=True)], u)
-    bottom = _interp([knots(j.driven[list(INNER_MOUTH[1])], f) for j, f in zip(jobs, frames, strict=True)], u)
+    win, frames, u, v, top, bottom = _opening(jobs, INNER_MOUTH, dev)
     below_top, above_bottom = v - top, bottom - v
     au = u.abs()
     half, iod, k = np.array([f.half for f in frames]), np.array([j.iod for j in jobs]), 0.5 / MOUTH_EDGE_PX
@@ -580,12 +597,7 @@ def lower_lip_layers(portrait: Tensor, source: MouthSource, jobs: Sequence[Mouth
     if not jobs:
         return []
     size, dev = portrait.shape[-1], portrait.device
-    win = Windows.around([j.box for j in jobs])
-    inners = [j.driven[list(LOWER_LIP[0])] for j in jobs]
-    frames = [opening_frame(inner) for inner in inners]
-    u, v = window_uv(frames, win, dev)
-    top = _interp([knots(inner, f) for inner, f in zip(inners, frames, strict=True)], u)
-    bottom = _interp([knots(j.driven[list(LOWER_LIP[1])], f) for j, f in zip(jobs, frames, strict=True)], u)
+    win, frames, u, v, top, bottom = _opening(jobs, LOWER_LIP, dev)
     below_top, above_bottom = v - top, bottom.sub(v)
     n = len(jobs)
     # the portrait's lower lip: from its inner edge (the opening's lower curve, the same frame) to its outer edge

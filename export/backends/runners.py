@@ -15,6 +15,7 @@ from torch import Tensor
 from engine.models.liveportrait import LivePortraitNets
 from engine.models.motion_extractor import MotionOutput
 from engine.motion.lmdm import LMDMConfig, MotionDecoder
+from engine.motion.samplers.guidance import per_sample_drop
 from export.backends.base import BATCH_BUCKETS, Backend, Runner
 from export.graphs import denoiser_graph, renderer_graphs
 
@@ -74,9 +75,5 @@ class DenoiserRuntime:
         drop_mask: Tensor | None = None,
         **_: Any,
     ) -> Tensor:
-        if drop_cond and drop_mask is not None:
-            raise ValueError("give either drop_cond=True or drop_mask, not both")
-        b = x_t.shape[0]
-        if drop_mask is None:
-            drop_mask = torch.full((b,), drop_cond, dtype=torch.bool, device=x_t.device)
+        drop_mask = per_sample_drop(x_t.shape[0], drop_cond, drop_mask, x_t.device)
         return self.runner(x_t, cond_frame, cond, t, drop_mask)[0].to(x_t.device, x_t.dtype)

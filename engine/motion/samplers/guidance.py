@@ -29,6 +29,15 @@ class MaskedDenoiser(Protocol):
     ) -> Tensor: ...
 
 
+def per_sample_drop(batch: int, drop_cond: bool, drop_mask: Tensor | None, device: torch.device) -> Tensor:
+    """The ``[B]`` bool drop mask of a :class:`MaskedDenoiser` call, whichever of the two ways it was given."""
+    if drop_cond and drop_mask is not None:
+        raise ValueError("give either drop_cond=True or drop_mask, not both")
+    if drop_mask is None:
+        return torch.full((batch,), drop_cond, dtype=torch.bool, device=device)
+    return drop_mask
+
+
 def guided_denoise(
     denoiser: MaskedDenoiser,
     x_t: Tensor,
