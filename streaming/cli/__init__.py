@@ -35,11 +35,10 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
 
 # Environment defaults of a command, set before its module (and so torch) is imported; a value already set wins.
 # serve: PyTorch's OpenMP threads spin between operations by default, holding the cores that the other sessions'
-# rendering, VP8 encoding and audio need; sleeping instead gave about 48 % more fresh pictures per session with two silent
-# classic sessions on two cores (rendered frames in 10 s: 83 -> 122 each; the speech soak, whose clients decode on
-# the same cores, stayed at ~9 a second), for ~2.5 ms more per frame alone and a third less CPU
-# (benchmarks/bench_classic.py: 18.0 -> 20.6 ms median, 37.4 -> 25.4 ms CPU). The OpenMP runtime reads the variable
-# once, when torch loads it.
+# rendering, VP8 encoding and audio need. Sleeping instead, two silent classic sessions on two cores rendered about
+# 48 % more fresh pictures each (frames in 10 s: 83 -> 122); the speech soak, whose clients decode on the same cores,
+# stayed at ~9 a second. Alone a frame takes ~2.5 ms more and a third less CPU (benchmarks/bench_classic.py: 18.0 ->
+# 20.6 ms median, 37.4 -> 25.4 ms CPU). The OpenMP runtime reads the variable once, when torch loads it.
 _ENVIRONMENT: dict[str, dict[str, str]] = {"serve": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
