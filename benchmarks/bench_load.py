@@ -48,7 +48,12 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    config = RuntimeConfig(mode=args.mode, backend=BackendConfig("eager", args.device))
+    config = RuntimeConfig(
+        mode=args.mode,
+        motion=args.motion,
+        backend=BackendConfig("eager", args.device),
+        motion_batching=args.motion_batching,
+    )
     runtime = Runtime.create(config)
     sessions = [await runtime.open_session(None) for _ in range(args.sessions)]
     shown: dict[str, list[tuple[float, VideoFrame]]] = {s.id: [] for s in sessions}
@@ -149,6 +154,8 @@ def main() -> None:
     parser.add_argument("--load-s", type=float, default=15.0)
     parser.add_argument("--mode", default="classic")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--motion", default="auto", help="motion generator (auto: the renderer's)")
+    parser.add_argument("--motion-batching", default="auto", help="auto | on | off (ditto motion)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.load_from + args.load_s + 3.0 > args.seconds:
